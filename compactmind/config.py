@@ -1,0 +1,55 @@
+"""The settings of a study run, validated once, at the edge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from compactmind.errors import ConfigError
+
+STRATEGIES = ("grid",)
+DEFAULT_STORAGE = "sqlite:///storage/compactmind.db"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_path: str | None = None
+    data_path: str | None = None
+    calib_path: str | None = None
+    target_ratio: float = 0.5
+    gpu: bool = False
+    cpu: bool = False
+    dtype: str = "auto"
+    seq_len: int | None = None  # None: min(2048, the model's context)
+    max_eval_windows: int | None = None
+    data_samples: int = 10
+    batch_size: int = 1
+    strategy: str = "grid"
+    methods: tuple[str, ...] | None = None
+    hybrids: bool = True
+    storage: str = DEFAULT_STORAGE
+    study_name: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    ppl_cap_factor: float = 10.0
+    baseline_bits: float = 32.0
+
+    def __post_init__(self):
+        if not (isinstance(self.target_ratio, (int, float)) and 0.0 <= self.target_ratio < 1.0):
+            raise ConfigError(f"--target_ratio must be a number from 0 up to (not including) 1, got {self.target_ratio}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
+        if self.data_samples < 1:
+            raise ConfigError(f"--data_samples must be at least 1, got {self.data_samples}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"--seq_len must be at least 2, got {self.seq_len}.")
+        if self.max_eval_windows is not None and self.max_eval_windows < 1:
+            raise ConfigError(f"--max_eval_windows must be at least 1, got {self.max_eval_windows}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}.")
+        if not (self.ppl_cap_factor > 1.0 and math.isfinite(self.ppl_cap_factor)) and self.ppl_cap_factor != math.inf:
+            raise ConfigError(f"--ppl_cap_factor must be above 1, got {self.ppl_cap_factor}.")
+        if self.baseline_bits not in (16.0, 32.0):
+            raise ConfigError(f"--baseline_bits must be 32 or 16, got {self.baseline_bits}.")
+        if self.gpu and self.cpu:
+            raise ConfigError("--gpu and --cpu exclude each other; pass one of them, or neither for automatic.")

