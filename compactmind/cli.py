@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run (or resume) a compression study")
+    run.add_argument("--study", help="study file (TOML): [run] flag values and [grids.METHOD] grids; "
+                                     "flags on the command line override it")
     _model_args(run)
     _flag(run, "target_ratio", type=float, default=0.5, help="minimum compression ratio, 0 <= r < 1 (default 0.5)")
     _flag(run, "strategy", default="grid", help=f"search strategy: {', '.join(STRATEGIES)}")
@@ -92,8 +94,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     for noisy in ("transformers", "urllib3", "matplotlib", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else logging.WARNING)
+    import warnings
+
+    import optuna
     import transformers
 
+    # Heartbeats and stale-trial handling work as documented but Optuna still flags them experimental.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -140,8 +148,9 @@ def cmd_run(args) -> int:
         max_eval_windows=args.max_eval_windows, data_samples=args.data_samples, batch_size=args.batch_size,
         strategy=args.strategy, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if args.methods else None, hybrids=not args.no_hybrids, storage=args.storage, study_name=args.study_name,
-        output_dir=args.output_dir, seed=args.seed, ppl_cap_factor=args.ppl_cap_factor)
-    candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids)
+        output_dir=args.output_dir, seed=args.seed, ppl_cap_factor=args.ppl_cap_factor,
+        grids=getattr(args, "grids", None))
+    candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids, cfg.grids)
     out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
     storage = search.open_storage(cfg.storage)
     loaded, data = _load(args)
@@ -274,8 +283,33 @@ def cmd_best(args) -> int:
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report, "best": cmd_best}
 
 
+def _apply_study_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Make a study file's [run] values the defaults of `run`, so explicit flags still win."""
+    args, _ = parser.parse_known_args(argv)
+    if args.command != "run" or not args.study:
+        return
+    from compactmind.config import load_study_file
+
+    values, grids = load_study_file(args.study)
+    run = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    known = {a.dest for a in run._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"The study file {args.study} sets unknown options {', '.join(unknown)}; "
+                          "see 'compactmind run --help' for the flag names.")
+    if isinstance(values.get("methods"), list):
+        values["methods"] = ",".join(values["methods"])
+    run.set_defaults(**values, grids=grids)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    try:
+        _apply_study_file(parser, argv)
+    except CompactMindError as exc:
+        print(f"compactmind: error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

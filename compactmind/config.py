@@ -26,6 +26,7 @@ class RunConfig:
     batch_size: int = 1
     strategy: str = "grid"
     methods: tuple[str, ...] | None = None
+    grids: dict | None = None  # {method: {param: [values]}} from a study file
     hybrids: bool = True
     storage: str = DEFAULT_STORAGE
     study_name: str | None = None
@@ -53,3 +54,27 @@ class RunConfig:
             raise ConfigError(f"--baseline_bits must be 32 or 16, got {self.baseline_bits}.")
         if self.gpu and self.cpu:
             raise ConfigError("--gpu and --cpu exclude each other; pass one of them, or neither for automatic.")
+
+
+def load_study_file(path: str) -> tuple[dict, dict]:
+    """Read a study TOML file: its [run] table (flag names and values) and its [grids.METHOD] tables."""
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"The study file {p} does not exist; pass a path such as studies/demo.toml.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"The study file {p} cannot be read: {exc}.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"The study file {p} is not valid TOML: {exc}.") from exc
+    unknown = set(doc) - {"run", "grids", "description"}
+    if unknown:
+        raise ConfigError(f"The study file {p} has unknown tables {', '.join(sorted(unknown))}; "
+                          "use [run] and [grids.METHOD].")
+    grids = doc.get("grids", {})
+    if not all(isinstance(v, dict) and all(isinstance(x, list) for x in v.values()) for v in grids.values()):
+        raise ConfigError(f"In {p}, each [grids.METHOD] table must map parameter names to lists of values.")
+    return dict(doc.get("run", {})), grids

@@ -113,20 +113,30 @@ def _allowed(first: Method, second: Method) -> bool:
     return first.position != "last" and second.position != "first"
 
 
-def candidates(method_names: list[str] | None = None, hybrids: bool = True) -> list[Pipeline]:
-    """Every single method over its grid, then every ordered pruning/quantization pair over both grids."""
+def search_spaces(method_names: list[str] | None = None,
+                  grids: dict[str, dict[str, list]] | None = None) -> dict[str, dict]:
+    """The effective search space of each chosen method (declared, or the exact values a study file lists)."""
     methods = all_methods()
-    names = sorted(methods) if method_names is None else method_names
-    for name in names:
+    names = sorted(methods) if method_names is None else list(method_names)
+    for name in list(names) + list(grids or {}):
         get_method(name)  # unknown names fail here with the list of known ones
-    chosen = [methods[n] for n in names]
-    singles = [Pipeline((Step(m.name, p),)) for m in chosen for p in m.grid()]
+    return {n: methods[n].search_space((grids or {}).get(n)) for n in names}
+
+
+def candidates(method_names: list[str] | None = None, hybrids: bool = True,
+               grids: dict[str, dict[str, list]] | None = None) -> list[Pipeline]:
+    """Every single method over its grid, then every ordered pruning/quantization pair over both grids."""
+    names = list(search_spaces(method_names, grids))
+    chosen = [get_method(n) for n in names]
+    grid = {m.name: m.grid((grids or {}).get(m.name)) for m in chosen}
+    singles = [Pipeline((Step(m.name, p),)) for m in chosen for p in grid[m.name]]
     pairs = []
     if hybrids:
         for a in chosen:
             for b in chosen:
                 if {a.kind, b.kind} == {Kind.PRUNING, Kind.QUANTIZATION} and _allowed(a, b):
-                    pairs += [Pipeline((Step(a.name, pa), Step(b.name, pb))) for pa in a.grid() for pb in b.grid()]
+                    pairs += [Pipeline((Step(a.name, pa), Step(b.name, pb)))
+                              for pa in grid[a.name] for pb in grid[b.name]]
     return singles + pairs
 
 

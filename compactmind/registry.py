@@ -16,7 +16,7 @@ import math
 from typing import Any, ClassVar
 
 from compactmind.errors import IncompatiblePipelineError, RegistryError
-from compactmind.space import Spec
+from compactmind.space import Categorical, Spec
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +48,44 @@ class Method:
         """Compress `model` in place. `calib` is a `Calibration` (or None when not needed)."""
         raise NotImplementedError
 
-    def grid_size(self) -> int:
-        return math.prod(len(spec.grid()) for spec in self.space.values())
+    def search_space(self, grids: dict[str, list] | None = None) -> dict[str, Spec]:
+        """The declared space, with any parameter listed in `grids` replaced by those exact values."""
+        space = dict(self.space)
+        for key, values in (grids or {}).items():
+            if key not in space:
+                raise RegistryError(f"{self.name} has no parameter {key!r}; its parameters are "
+                                    f"{', '.join(self.space) or 'none'}.")
+            if not values:
+                raise RegistryError(f"The grid for {self.name}.{key} is empty.")
+            for v in values:
+                self.make_params({key: v})  # type and validity checks
+            space[key] = Categorical(values)
+        return space
 
-    def grid(self) -> list[Any]:
+    def grid_size(self, grids: dict[str, list] | None = None) -> int:
+        return math.prod(len(spec.grid()) for spec in self.search_space(grids).values())
+
+    def grid(self, grids: dict[str, list] | None = None) -> list[Any]:
         """Every parameter combination of the search space, as `Params` instances, in a stable order."""
         combos: list[dict[str, Any]] = [{}]
-        for key, spec in self.space.items():
+        for key, spec in self.search_space(grids).items():
             combos = [{**c, key: v} for c in combos for v in spec.grid()]
         return [self.Params(**c) for c in combos]
 
     def make_params(self, values: dict[str, Any]):
-        """Build `Params` from a dict, checking names and that each value lies in the declared space."""
+        """Build `Params` from a dict, checking names, types, and the method's own validity rules."""
         unknown = set(values) - set(self.space)
         if unknown:
             raise IncompatiblePipelineError(
                 f"{self.name} has no parameter {', '.join(sorted(unknown))}; "
                 f"its parameters are {', '.join(self.space) or 'none'}.")
         for key, value in values.items():
-            if not self.space[key].contains(value):
-                raise IncompatiblePipelineError(
-                    f"{self.name}: {key}={value!r} lies outside its search space {self.space[key]}.")
-        return self.Params(**values)
+            if not self.space[key].accepts(value):
+                raise IncompatiblePipelineError(f"{self.name}: {key}={value!r} is not a valid value ({self.space[key]}).")
+        try:
+            return self.Params(**values)
+        except (ValueError, TypeError) as exc:
+            raise IncompatiblePipelineError(f"{self.name}: {exc}.") from exc
 
 
 _REGISTRY: dict[str, Method] = {}

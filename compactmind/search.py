@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,14 +102,13 @@ def _suggest(trial: optuna.Trial, name: str, spec):
     return trial.suggest_float(name, spec.low, spec.high, step=spec.step)
 
 
-def suggest_pipeline(trial: optuna.Trial, shapes: list[str]) -> pl.Pipeline:
+def suggest_pipeline(trial: optuna.Trial, shapes: list[str], spaces: dict[str, dict]) -> pl.Pipeline:
     """The structured space: which pipeline (shape), then each step's parameters."""
     shape = trial.suggest_categorical("pipeline", shapes)
     steps = []
     for name in shape.split(" -> "):
-        method = get_method(name)
-        values = {k: _suggest(trial, f"{name}.{k}", spec) for k, spec in method.space.items()}
-        steps.append(pl.Step(name, method.Params(**values)))
+        values = {k: _suggest(trial, f"{name}.{k}", spec) for k, spec in spaces[name].items()}
+        steps.append(pl.Step(name, get_method(name).Params(**values)))
     return pl.Pipeline(tuple(steps))
 
 
@@ -179,7 +177,12 @@ class Context:
     reference: Reference
     calibration: Calibration
     dense_perplexity: float
+    spaces: dict[str, dict]  # effective search space per method
     on_trial: Callable[[dict], None] | None = None
+
+    @property
+    def shapes(self) -> list[str]:
+        return list(dict.fromkeys(c.shape for c in self.candidates))
 
 
 def _set_constraint(trial: optuna.Trial, value: float) -> None:
@@ -190,8 +193,7 @@ def _set_constraint(trial: optuna.Trial, value: float) -> None:
 
 def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
     cfg, model = ctx.config, ctx.loaded.model
-    shapes = list(dict.fromkeys(c.shape for c in ctx.candidates))
-    candidate = suggest_pipeline(trial, shapes)
+    candidate = suggest_pipeline(trial, ctx.shapes, ctx.spaces)
     attrs: dict[str, Any] = {"pipeline": str(candidate), "steps": candidate.to_json(),
                              "hybrid": candidate.is_hybrid, "dtype": str(ctx.loaded.dtype).replace("torch.", ""),
                              "seq_len": ctx.data.seq_len}
@@ -313,7 +315,6 @@ def dense_baseline(study: optuna.Study, ctx_parts: tuple[LoadedModel, Dataset, R
 
 def run(study: optuna.Study, ctx: Context, sampler: CandidateSampler) -> None:
     """Run candidates until every one is done here or by another worker; wait out trials of dead workers."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.sampler = sampler
     while True:
         optuna.storages.fail_stale_trials(study)
@@ -331,7 +332,7 @@ def run(study: optuna.Study, ctx: Context, sampler: CandidateSampler) -> None:
 def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates, dense_ppl: float,
                  snapshot: Snapshot, on_trial=None) -> Context:
     return Context(loaded, data, cfg, candidates, snapshot, Reference.of(loaded.model, cfg.baseline_bits),
-                   Calibration(data.calib), dense_ppl, on_trial)
+                   Calibration(data.calib), dense_ppl, pl.search_spaces(cfg.methods, cfg.grids), on_trial)
 
 
 # ---- reading a study back --------------------------------------------------------------------------------

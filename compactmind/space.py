@@ -1,7 +1,10 @@
 """Typed search-space specs a method declares for its parameters.
 
-A spec knows its grid (the values an exhaustive search visits), whether a value belongs to it, and how to
-read a value from pipeline text. The search layer turns specs into Optuna distributions.
+A spec knows its grid (the values an exhaustive search visits), whether a value has the right type
+(`accepts`) and lies in the declared range (`contains`), and how to read a value from pipeline text. The
+declared range is the default search range, not the limit of what the method can do: pipeline text and study
+files may use other valid values, which the method's `Params` checks. The search layer turns specs into
+Optuna distributions.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class Categorical:
     def contains(self, value: Any) -> bool:
         return value in self.choices
 
+    def accepts(self, value: Any) -> bool:
+        return value in self.choices
+
     def parse(self, text: str) -> Value:
         for choice in self.choices:
             if str(choice) == text:
@@ -50,8 +56,11 @@ class Int:
     def grid(self) -> list[int]:
         return list(range(self.low, self.high + 1, self.step))
 
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     def contains(self, value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+        return self.accepts(value) and self.low <= value <= self.high
 
     def parse(self, text: str) -> int:
         return int(text)
@@ -77,9 +86,11 @@ class Float:
         n = round((self.high - self.low) / self.step)
         return [round(self.low + i * self.step, 10) for i in range(n + 1)]
 
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
     def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-            and self.low - 1e-12 <= value <= self.high + 1e-12
+        return self.accepts(value) and self.low - 1e-12 <= value <= self.high + 1e-12
 
     def parse(self, text: str) -> float:
         return float(text)

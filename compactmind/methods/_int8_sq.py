@@ -60,6 +60,10 @@ class Int8SmoothQuant(Method):
     class Params:
         alpha: float = 0.5
 
+        def __post_init__(self):
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
     space = {"alpha": Float(0.5, 0.8, step=0.15)}
 
     def check(self, model, params):

@@ -78,6 +78,10 @@ class L2Pruning(Method):
         sparsity: float = 0.0
         scope: str = "mlp"
 
+        def __post_init__(self):
+            if not 0.0 <= self.sparsity < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+
     space = {"sparsity": Float(0.1, 0.3, step=0.1), "scope": Categorical(["mlp", "heads", "both"])}
     identity = Params(sparsity=0.0, scope="both")
 

@@ -36,6 +36,10 @@ class RandomPruning(Method):
     class Params:
         sparsity: float = 0.0
 
+        def __post_init__(self):
+            if not 0.0 <= self.sparsity < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+
     space = {"sparsity": Float(0.1, 0.5, step=0.1)}
     identity = Params(sparsity=0.0)
 

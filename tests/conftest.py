@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny real Llama built from config (with a small trained tokenizer), and a text file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def corpus_text(n_chars: int = 120_000) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+def tiny_config(vocab_size: int = 320, **overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=False, rms_norm_eps=1e-5)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama with a byte-level BPE tokenizer trained here on offline text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus_text()], vocab_size=320, min_frequency=2, special_tokens=["<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(folder)
+    model = tiny_model(vocab_size=len(tok))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(corpus_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Converted GGUF models are cached per user; tests share one cache folder for the session.
+    cache = os.environ.get("COMPACTMIND_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    monkeypatch.setenv("COMPACTMIND_CACHE", os.environ.get("COMPACTMIND_CACHE", cache))

@@ -1,0 +1,140 @@
+"""A whole study through the CLI as a user calls it, on a tiny real model and real SQLite files."""
+
+import json
+import sqlite3
+
+import pytest
+
+from compactmind import pipeline as pl
+from compactmind.cli import main
+
+
+def run_args(model_dir, text_file, tmp_path, *extra):
+    return ["-q", "run", "--model_path", str(model_dir), "--data_path", str(text_file), "--seq_len", "64",
+            "--max_eval_windows", "3", "--data_samples", "2", "--target_ratio", "0.3",
+            "--storage", f"sqlite:///{tmp_path}/study.db", "--study_name", "s1", "--output_dir", str(tmp_path / "out"),
+            *extra]
+
+
+def db_trials(tmp_path, study="s1"):
+    con = sqlite3.connect(tmp_path / "study.db")
+    try:
+        return con.execute("select t.number, t.state from trials t join studies s using(study_id) "
+                           "where s.study_name = ? order by t.number", (study,)).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, text_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    args = run_args(tiny_model_dir, text_file, tmp)
+    rc = main(args)
+    return tmp, args, rc
+
+
+def test_study_runs_every_candidate_once_and_writes_reports(finished, capsys):
+    tmp, _, rc = finished
+    assert rc == 0
+    out = tmp / "out"
+    for name in ("report.json", "search_history.csv", "search_space_analysis.png", "search_space_analysis.html"):
+        assert (out / name).stat().st_size > 0
+    report = json.loads((out / "report.json").read_text())
+    expected = {str(c) for c in pl.candidates()}
+    labels = [t["pipeline"] for t in report["trials"]]
+    assert sorted(labels) == sorted(expected)  # each configuration exactly once
+    assert len(db_trials(tmp)) == len(expected)
+    states = {t["status"] for t in report["trials"]}
+    assert {"ok", "infeasible", "invalid"} <= states
+    for t in report["trials"]:
+        if t["status"] == "infeasible":
+            assert t["compression_ratio"] < 0.3 and t["windows"] == 0 and t["perplexity"] is None
+            assert t["state"] == "PRUNED" and t["feasible"] is False
+        if t["status"] == "ok":
+            for key in ("pipeline", "steps", "compression_ratio", "bits_per_weight", "sparsity", "model_bytes",
+                        "compress_seconds", "eval_seconds", "windows", "eval_tokens", "dtype", "perplexity"):
+                assert key in t, key
+            assert t["windows"] == 3 and t["eval_tokens"] == 3 * 64 and t["dtype"] == "float32"
+    feasible = [t for t in report["trials"] if t["state"] == "COMPLETE" and t["compression_ratio"] >= 0.3]
+    assert report["best"]["number"] == min(feasible, key=lambda t: t["perplexity"])["number"]
+    assert report["dense"]["perplexity"] > 0 and report["protocol"]["seq_len"] == 64
+    assert all(p["compression_ratio"] >= 0.3 for p in report["pareto_front"])
+    csv_lines = (out / "search_history.csv").read_text().splitlines()
+    assert len(csv_lines) == len(expected) + 1 and "bits_per_weight" in csv_lines[0]
+
+
+def test_metric_names_and_dashboard_constraints_are_stored(finished):
+    import optuna
+
+    tmp, _, _ = finished
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{tmp}/study.db")
+    assert study.metric_names == ["perplexity", "compression_ratio"]
+    infeasible = [t for t in study.trials if t.user_attrs.get("status") == "infeasible"]
+    assert infeasible and all(t.system_attrs["constraints"][0] > 0 for t in infeasible)
+    ok = [t for t in study.trials if t.user_attrs.get("status") == "ok"]
+    assert all(t.system_attrs["constraints"][0] <= 0 for t in ok)
+    assert all(t.params["pipeline"] == pl.parse(t.user_attrs["pipeline"]).shape for t in ok)
+
+
+def test_running_again_resumes_without_rerunning(finished, capsys):
+    tmp, args, _ = finished
+    before = db_trials(tmp)
+    assert main(args) == 0
+    assert db_trials(tmp) == before
+    assert "best:" in capsys.readouterr().out
+
+
+def test_report_and_best_rebuild_from_storage_alone(finished, capsys):
+    tmp, _, _ = finished
+    storage = f"sqlite:///{tmp}/study.db"
+    assert main(["-q", "report", "--study_name", "s1", "--storage", storage, "--output_dir", str(tmp / "again")]) == 0
+    a = json.loads((tmp / "out" / "report.json").read_text())
+    b = json.loads((tmp / "again" / "report.json").read_text())
+    assert a["trials"] == b["trials"] and a["best"] == b["best"]
+    capsys.readouterr()
+    assert main(["-q", "best", "--study_name", "s1", "--storage", storage, "--pareto"]) == 0
+    out = capsys.readouterr().out
+    assert f"trial {a['best']['number']}:" in out and "Pareto front:" in out
+
+
+def test_a_changed_search_space_is_refused_under_the_same_name(finished, tiny_model_dir, text_file, capsys):
+    tmp, args, _ = finished
+    before = db_trials(tmp)
+    assert main(args + ["--methods", "fp16"]) == 1
+    assert "different search_space" in capsys.readouterr().err
+    assert db_trials(tmp) == before
+
+
+def test_eval_prints_one_json_object(tiny_model_dir, text_file, capsys):
+    rc = main(["-q", "eval", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+               "--max_eval_windows", "2", "--data_samples", "1", "--pipeline", "fp16", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compression_ratio"] == 0.5 and out["seq_len"] == 64 and out["windows"] == 2
+    assert out["dtype"] == "float32" and out["perplexity"] > 1
+
+
+def test_study_file_sets_defaults_and_flags_override(tiny_model_dir, text_file, tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text(f'''
+[run]
+model_path = "{tiny_model_dir}"
+data_path = "{text_file}"
+seq_len = 64
+max_eval_windows = 2
+data_samples = 1
+target_ratio = 0.9
+methods = ["random_pruning", "fp16"]
+study_name = "from-file"
+storage = "sqlite:///{tmp_path}/study.db"
+
+[grids.random_pruning]
+sparsity = [0.25]
+''')
+    rc = main(["-q", "run", "--study", str(study), "--target_ratio", "0.4", "--output_dir", str(tmp_path / "o")])
+    assert rc == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["target_ratio"] == 0.4  # the flag won over the file
+    assert [t["pipeline"] for t in report["trials"]] == [
+        "random_pruning(sparsity=0.25)", "fp16", "random_pruning(sparsity=0.25) -> fp16",
+        "fp16 -> random_pruning(sparsity=0.25)"]

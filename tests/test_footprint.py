@@ -1,0 +1,91 @@
+"""Size accounting per DESIGN.md: every weight counts, tied weights once, formats' overheads included."""
+
+import math
+
+import pytest
+import torch
+
+from compactmind import pipeline as pl
+from compactmind.calibration import Calibration
+from compactmind.footprint import Reference, TensorFormat, measure, tensor_bits
+from compactmind.models import block_linears
+
+from conftest import tiny_model
+
+CALIB = Calibration(torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0)))
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_dense_is_zero_and_fp16_is_exactly_half():
+    model = tiny_model()
+    ref = Reference.of(model)
+    assert measure(model, ref).compression_ratio == 0.0
+    pl.apply_(model, pl.parse("fp16"), None, 0)
+    fp = measure(model, ref)
+    assert fp.compression_ratio == 0.5 and fp.bits_per_weight == 16.0
+
+
+def test_tied_weights_count_once():
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = Reference.of(model)
+    assert ref.n_weights == n_params(model)  # parameters() yields the tied tensor once
+    assert measure(model, ref).model_bytes == 4 * n_params(model)
+
+
+def test_int8_counts_codes_scales_and_fp16_rest():
+    model = tiny_model()
+    ref = Reference.of(model)
+    pl.apply_(model, pl.parse("int8_sq(alpha=0.5)"), CALIB, 0)
+    linears = [lin for _, lin in block_linears(model)]
+    linear_bits = sum(l.weight.numel() * 8 + l.weight.shape[0] * 16 for l in linears)
+    rest = n_params(model) - sum(l.weight.numel() for l in linears)
+    expected_bytes = (linear_bits + rest * 16) / 8
+    fp = measure(model, ref)
+    assert fp.model_bytes == expected_bytes
+    assert fp.compression_ratio == pytest.approx(1 - expected_bytes / (4 * n_params(model)))
+
+
+def test_l2_structured_pruning_counts_removed_weights_exactly():
+    model = tiny_model()
+    ref = Reference.of(model)
+    dense_params = n_params(model)
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp)"), None, 0)
+    removed_per_layer = 32 * 64 * 3  # 32 of 128 channels: rows of gate and up, columns of down
+    assert n_params(model) == dense_params - 2 * removed_per_layer
+    fp = measure(model, ref)
+    assert fp.model_bytes == 4 * (dense_params - 2 * removed_per_layer)
+    assert fp.sparsity == pytest.approx(2 * removed_per_layer / ref.n_block_linear_weights)
+
+
+def test_unstructured_sparsity_pays_for_its_bitmap():
+    w = torch.randn(64, 64)
+    w[:, :32] = 0
+    fmt = TensorFormat(sparsity="unstructured")
+    assert tensor_bits(w, fmt, 32) == 2048 * 32 + 4096  # non-zeros + one bit per weight
+    w2 = torch.randn(64, 64)
+    w2[0, 0] = 0
+    assert tensor_bits(w2, fmt, 32) == 4096 * 32  # the dense layout is cheaper: stay dense
+
+
+def test_group_quantization_and_nm_overheads():
+    w = torch.randn(8, 128)
+    g = TensorFormat(bits=4, scaled=True, group_size=32, scale_bits=16, zero_point=True)
+    assert tensor_bits(w, g, 32) == 8 * 128 * 4 + 8 * 4 * (16 + 4)
+    nm = TensorFormat(bits=16, sparsity="n:m", n=2, m=4)
+    assert tensor_bits(w, nm, 32) == 8 * 128 / 2 * (16 + 2)
+
+
+def test_random_pruning_then_int8_keeps_zeros_and_counts_both():
+    model = tiny_model()
+    ref = Reference.of(model)
+    pl.apply_(model, pl.parse("random_pruning(sparsity=0.5) -> int8_sq(alpha=0.5)"), CALIB, 0)
+    fp = measure(model, ref)
+    assert fp.sparsity >= 0.5
+    only_int8 = tiny_model()
+    pl.apply_(only_int8, pl.parse("int8_sq(alpha=0.5)"), CALIB, 0)
+    assert fp.compression_ratio > measure(only_int8, ref).compression_ratio
+    assert math.isclose(1 - fp.bits_per_weight / 32, fp.compression_ratio)

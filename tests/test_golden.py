@@ -1,0 +1,109 @@
+"""What each method promises is really there in the weights."""
+
+import torch
+
+from compactmind import pipeline as pl
+from compactmind.calibration import Calibration
+from compactmind.methods._int8_sq import smoothing_scales
+from compactmind.methods._quant import quantize_per_row_, quantize_per_token
+from compactmind.models import block_linears, decoder_layers
+
+from conftest import tiny_model
+
+CALIB = Calibration(torch.randint(0, 320, (3, 48), generator=torch.Generator().manual_seed(2)))
+IDS = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def test_random_pruning_zeroes_exactly_the_fraction_in_every_layer():
+    model = tiny_model()
+    pl.apply_(model, pl.parse("random_pruning(sparsity=0.3)"), None, 0)
+    for _, lin in block_linears(model):
+        assert int((lin.weight == 0).sum()) == round(0.3 * lin.weight.numel())
+
+
+def test_l2_pruning_removes_the_lowest_norm_channels_and_equals_masking_them():
+    model = tiny_model()
+    mlp = decoder_layers(model)[0].mlp
+    norms = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+             + mlp.down_proj.weight.pow(2).sum(0))
+    dropped = norms.topk(round(0.25 * 128), largest=False).indices
+    masked = tiny_model()
+    with torch.no_grad():
+        for layer in decoder_layers(masked):
+            m = layer.mlp
+            n = m.gate_proj.weight.pow(2).sum(1) + m.up_proj.weight.pow(2).sum(1) + m.down_proj.weight.pow(2).sum(0)
+            m.down_proj.weight[:, n.topk(32, largest=False).indices] = 0
+        expected = masked(input_ids=IDS).logits
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp)"), None, 0)
+    assert mlp.gate_proj.weight.shape == (96, 64) and mlp.down_proj.weight.shape == (64, 96)
+    kept = set(range(128)) - set(dropped.tolist())
+    assert len(kept) == 96
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits, expected, atol=1e-5)
+
+
+def test_l2_head_pruning_keeps_grouped_query_attention_regular():
+    model = tiny_model()  # 4 query heads, 2 kv heads: 2 query heads per group
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.5, scope=heads)"), None, 0)
+    attn = decoder_layers(model)[0].self_attn
+    assert attn.q_proj.weight.shape == (2 * 16, 64) and attn.o_proj.weight.shape == (64, 2 * 16)
+    assert attn.k_proj.weight.shape == (2 * 16, 64) and attn.num_key_value_groups == 1
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=IDS).logits).all()
+
+
+def test_l2_head_pruning_without_grouping_removes_whole_heads():
+    model = tiny_model(num_key_value_heads=4)
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=heads)"), None, 0)
+    attn = decoder_layers(model)[0].self_attn
+    assert attn.q_proj.weight.shape == (48, 64) and attn.k_proj.weight.shape == (48, 64)
+    assert attn.v_proj.weight.shape == (48, 64) and attn.o_proj.weight.shape == (64, 48)
+
+
+def test_int8_weights_have_at_most_255_levels_per_row():
+    model = tiny_model()
+    pl.apply_(model, pl.parse("int8_sq(alpha=0.5)"), CALIB, 0)
+    for _, lin in block_linears(model):
+        for row in lin.weight[:8]:
+            scale = row.abs().max() / 127
+            codes = row / scale
+            assert torch.allclose(codes, codes.round(), atol=1e-3)
+            assert codes.round().unique().numel() <= 255
+
+
+def test_per_token_activation_quantization_uses_one_scale_per_token():
+    x = torch.randn(3, 5, 64)
+    x[0, 0, 3] = 100.0  # an outlier hurts only its own token
+    q = quantize_per_token(x, 8)
+    err = (q - x).abs().amax(-1)
+    assert err[0, 0] > 10 * err[1, 1]
+
+
+def test_smoothquant_is_equivalent_before_quantization():
+    """Dividing the norm by s and multiplying the weight columns by s leaves the block's output unchanged."""
+    model = tiny_model()
+    layer = decoder_layers(model)[0]
+    x = torch.randn(1, 48, 64)
+    with torch.no_grad():
+        before = layer.self_attn.q_proj(layer.input_layernorm(x))
+        s = smoothing_scales(torch.rand(64) * 10, layer.self_attn.q_proj.weight.abs().amax(0), 0.5)
+        layer.input_layernorm.weight.div_(s)
+        layer.self_attn.q_proj.weight.mul_(s)
+        after = layer.self_attn.q_proj(layer.input_layernorm(x))
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_smoothing_reduces_int8_error_with_an_outlier_channel():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * 0.05
+    x = torch.randn(256, 64)
+    x[:, 7] *= 60.0  # one outlier input channel
+    exact = x @ w.T
+
+    def w8a8(xx, ww):
+        return quantize_per_token(xx, 8) @ quantize_per_row_(ww, 8).T
+
+    naive = (w8a8(x, w) - exact).pow(2).mean()
+    s = smoothing_scales(x.abs().amax(0), w.abs().amax(0), 0.5)
+    smoothed = (w8a8(x / s, w * s) - exact).pow(2).mean()
+    assert smoothed < 0.5 * naive
