@@ -1,0 +1,56 @@
+"""Kill a running study with SIGKILL mid-trial, run the same command again: every configuration ends up done
+exactly once, the killed trial is failed by the heartbeat and retried, nothing is left RUNNING."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from compactmind import pipeline as pl
+
+
+def states(db):
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return con.execute("select state from trials").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_file, tmp_path):
+    db = tmp_path / "study.db"
+    cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir),
+           "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "30", "--data_samples", "2",
+           "--target_ratio", "0.0", "--methods", "random_pruning,l2_pruning,fp16", "--storage", f"sqlite:///{db}",
+           "--study_name", "killme", "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        rows = [r[0] for r in states(db)]
+        if sum(r in ("COMPLETE", "PRUNED") for r in rows) >= 8 and "RUNNING" in rows:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed, f"the study ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert "RUNNING" in [r[0] for r in states(db)]
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    expected = sorted(str(c) for c in pl.candidates(["random_pruning", "l2_pruning", "fp16"]))
+    finished = sorted(t["pipeline"] for t in report["trials"] if t["state"] in ("COMPLETE", "PRUNED"))
+    assert finished == expected
+    assert not [t for t in report["trials"] if t["state"] in ("RUNNING", "WAITING")]
+    failed = [t for t in report["trials"] if t["state"] == "FAIL"]
+    assert len(failed) == 1
+    retries = [t for t in report["trials"] if t.get("retry_of") == failed[0]["number"]]
+    assert len(retries) == 1 and retries[0]["state"] in ("COMPLETE", "PRUNED")
