@@ -7,6 +7,7 @@ per study. A method that runs after another step sees a changed model and measur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,3 +69,134 @@ def output_absmax(model: nn.Module, samples: torch.Tensor, modules: dict[str, nn
         for h in handles:
             h.remove()
     return {n: v.cpu() for n, v in maxima.items()}
+
+
+# ---- the layer-by-layer calibration loop, written once ---------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, samples: torch.Tensor, layers: nn.ModuleList):
+    """Run each sample up to the first block and keep its hidden states and call arguments."""
+    device = next(model.parameters()).device
+    inputs: list[torch.Tensor] = []
+    call_kwargs: list[dict] = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden)
+        call_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    body = getattr(model, "model", model)
+    try:
+        for row in samples:
+            try:
+                body(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, call_kwargs
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.inference_mode()
+def sequential_(model: nn.Module, samples: torch.Tensor, collect: Callable[[str, nn.Linear], Any],
+                solve_block: Callable[[int, nn.Module, dict[str, Any]], None],
+                progress: Callable[[int, int], None] | None = None) -> None:
+    """The GPTQ/SparseGPT/Wanda calibration loop: block by block, each block seeing compressed predecessors.
+
+    For block i: every linear gets a forward hook feeding `collect(name, linear)`'s accumulator (its
+    `add_batch(inp, out)`), the calibration samples run through the block, `solve_block(i, block, stats)`
+    compresses it, and the samples run through it again so block i+1 sees the compressed outputs. Only the
+    current block's statistics exist at any time.
+    """
+    from compactmind.models import decoder_layers
+
+    layers = decoder_layers(model)
+    inputs, kwargs = capture_block_inputs(model, samples, layers)
+    for i, layer in enumerate(layers):
+        stats = {}
+        handles = []
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                acc = collect(name, module)
+                if acc is not None:
+                    stats[name] = acc
+                    handles.append(module.register_forward_hook(
+                        lambda m, a, o, acc=acc: acc.add_batch(a[0].detach(), o.detach())))
+        try:
+            for x, kw in zip(inputs, kwargs):
+                layer(x, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        solve_block(i, layer, stats)
+        del stats
+        inputs = [_block_out(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
+        if progress:
+            progress(i + 1, len(layers))
+
+
+class InputNorms:
+    """Running mean of x_j^2 per input channel (Wanda's ||X_j||^2 / n)."""
+
+    def __init__(self, linear: nn.Linear):
+        self.sq = torch.zeros(linear.in_features, device=linear.weight.device, dtype=torch.float32)
+        self.n = 0
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
+        self.sq.mul_(self.n / (self.n + x.shape[0])).add_(x.pow(2).sum(0) / (self.n + x.shape[0]))
+        self.n += x.shape[0]
+
+
+class Hessian:
+    """H = 2/n * sum x x^T over calibration tokens (the OBS/GPTQ layer Hessian), in float32."""
+
+    def __init__(self, linear: nn.Linear):
+        self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device,
+                             dtype=torch.float32)
+        self.n = 0
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
+        tokens = x.shape[0]
+        self.H.mul_(self.n / (self.n + tokens))
+        self.n += tokens
+        x = x.mul(math.sqrt(2 / self.n))
+        self.H.addmm_(x.T, x)
+
+
+class InputSample:
+    """Mean |x_j| per channel and up to `max_rows` input rows (AWQ's activation statistics and search set)."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int = 2048):
+        self.abs_sum = torch.zeros(linear.in_features, device=linear.weight.device, dtype=torch.float32)
+        self.n = 0
+        self.rows: list[torch.Tensor] = []
+        self.max_rows = max_rows
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1])
+        self.abs_sum += x.float().abs().sum(0)
+        self.n += x.shape[0]
+        have = sum(r.shape[0] for r in self.rows)
+        if have < self.max_rows:
+            self.rows.append(x[: self.max_rows - have].clone())
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return torch.cat(self.rows)

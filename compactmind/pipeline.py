@@ -32,7 +32,12 @@ class Step:
         return dataclasses.asdict(self.params)
 
     def __str__(self) -> str:
-        inner = ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items())
+        """Every parameter, except fixed settings (a one-value declared space) left at their default."""
+        method = get_method(self.method)
+        defaults = method.Params()
+        shown = {k: v for k, v in self.values.items()
+                 if not (len(method.space[k].grid()) == 1 and v == getattr(defaults, k))}
+        inner = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         return f"{self.method}({inner})" if inner else self.method
 
 

@@ -57,5 +57,5 @@ def test_method_subset_and_study_grids():
 def test_flat_params_name_each_step_parameter():
     p = pl.parse("random_pruning(sparsity=0.1) -> int8_sq(alpha=0.65)")
     assert p.flat_params() == {"pipeline": "random_pruning -> int8_sq", "random_pruning.sparsity": 0.1,
-                               "int8_sq.alpha": 0.65}
+                               "int8_sq.alpha": 0.65, "int8_sq.smooth": True}
     assert get_method("int8_sq").needs_calibration

@@ -1,5 +1,17 @@
 """Built-in compression methods. Importing this package registers them."""
 
-from compactmind.methods import _fp16, _int8_sq, _l2_pruning, _random_pruning  # noqa: F401
+from compactmind.methods import (  # noqa: F401
+    _awq,
+    _bf16,
+    _fp16,
+    _gptq,
+    _int8_sq,
+    _l2_pruning,
+    _magnitude,
+    _random_pruning,
+    _rtn,
+    _sparsegpt,
+    _wanda,
+)
 
 __all__: list[str] = []

@@ -11,12 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compactmind.footprint import narrow_to
+from compactmind.methods._quant import cast_all_
 from compactmind.registry import Kind, Method, register_method
-
-
-def round_to_(p: torch.Tensor, dtype: torch.dtype) -> None:
-    p.copy_(p.to(dtype).to(p.dtype))
 
 
 @register_method("fp16")
@@ -29,12 +25,5 @@ class FP16(Method):
 
     space = {}
 
-    @torch.no_grad()
     def apply_(self, model, params, calib, seed):
-        seen: set[int] = set()
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    round_to_(p.data, torch.float16)
-                narrow_to(module, name, 16)
+        cast_all_(model, torch.float16, 16)

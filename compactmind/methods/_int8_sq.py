@@ -10,8 +10,9 @@ linear of the blocks runs W8A8, simulated: weights quantized per output channel 
 scale per row) and activations quantized per token, dynamically, at every forward. Weights outside the
 blocks (embeddings, norms, head) are kept in FP16, as in the paper's setting.
 
-Parameters: `alpha`, the migration strength (0: nothing migrates; 1: all of the activation range moves into
-the weights; the paper uses 0.5 for most models and up to 0.8-0.85 for some).
+Parameters: `alpha`, the migration strength (larger moves more of the activation range into the weights; the
+paper uses 0.5 for most models and up to 0.8-0.85 for some); `smooth`, False for naive W8A8 (the same
+quantization with no smoothing, the paper's baseline).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from compactmind.footprint import set_format
 from compactmind.methods._quant import cast_rest_to_fp16_, quantize_per_row_, quantize_per_token
 from compactmind.models import block_linears, decoder_layers
 from compactmind.registry import Kind, Method, register_method
-from compactmind.space import Float
+from compactmind.space import Categorical, Float
 
 
 def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -59,12 +60,13 @@ class Int8SmoothQuant(Method):
     @dataclass(frozen=True)
     class Params:
         alpha: float = 0.5
+        smooth: bool = True
 
         def __post_init__(self):
             if not 0.0 <= self.alpha <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
-    space = {"alpha": Float(0.5, 0.8, step=0.15)}
+    space = {"alpha": Float(0.5, 0.8, step=0.15), "smooth": Categorical([True])}
 
     def check(self, model, params):
         layer = decoder_layers(model)[0]
@@ -74,19 +76,24 @@ class Int8SmoothQuant(Method):
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
-        calib = require(calib, self.name)
-        layers = decoder_layers(model)
-        norms = {f"{i}.{j}": norm for i, layer in enumerate(layers) for j, (norm, _) in enumerate(_groups(layer))}
-        act_max = calib.stats("norm_output_absmax", lambda: output_absmax(model, calib.samples, norms))
-        for i, layer in enumerate(layers):
-            for j, (norm, linears) in enumerate(_groups(layer)):
-                w_max = torch.cat([lin.weight.abs() for lin in linears]).amax(0).float()
-                s = smoothing_scales(act_max[f"{i}.{j}"].to(w_max.device), w_max, params.alpha)
-                norm.weight.div_(s.to(norm.weight.dtype))
-                for lin in linears:
-                    lin.weight.mul_(s.to(lin.weight.dtype))
+        if params.smooth:
+            smooth_(model, params.alpha, require(calib, self.name))
         for _, linear in block_linears(model):
             linear.weight.copy_(quantize_per_row_(linear.weight, 8))
             linear.register_forward_pre_hook(_per_token_int8)
             set_format(linear, "weight", bits=8, scaled=True, group_size=None)
         cast_rest_to_fp16_(model)
+
+
+def smooth_(model, alpha: float, calib) -> None:
+    """Migrate activation outliers into the weights: norm /= s, weight columns *= s (exact before quantizing)."""
+    layers = decoder_layers(model)
+    norms = {f"{i}.{j}": norm for i, layer in enumerate(layers) for j, (norm, _) in enumerate(_groups(layer))}
+    act_max = calib.stats("norm_output_absmax", lambda: output_absmax(model, calib.samples, norms))
+    for i, layer in enumerate(layers):
+        for j, (norm, linears) in enumerate(_groups(layer)):
+            w_max = torch.cat([lin.weight.abs() for lin in linears]).amax(0).float()
+            s = smoothing_scales(act_max[f"{i}.{j}"].to(w_max.device), w_max, alpha)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for lin in linears:
+                lin.weight.mul_(s.to(lin.weight.dtype))

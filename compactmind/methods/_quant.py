@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -43,3 +45,141 @@ def cast_rest_to_fp16_(model: nn.Module) -> None:
                 p.data.copy_(p.data.to(torch.float16).to(p.dtype))
             narrow_to(module, name, 16)
 
+
+
+# ---- weight-only k-bit quantization (GPTQ's convention: unsigned codes 0..2^k-1 with a zero point) ----------
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` [rows, group]. The range always contains 0, so a zero weight (a
+    pruned one) quantizes to exactly 0. Symmetric: zero point fixed at 2^(k-1) (not stored)."""
+    maxq = 2 ** bits - 1
+    wf = w.float()
+    lo = wf.min(dim=1, keepdim=True).values.clamp(max=0)
+    hi = wf.max(dim=1, keepdim=True).values.clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-lo / scale)
+    return scale, zero
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(w.float() / scale) + zero, 0, 2 ** bits - 1)
+    return scale * (q - zero)
+
+
+def groups_of(cols: int, group_size: int) -> list[tuple[int, int]]:
+    """Column ranges of the quantization groups; 0 = one group per row. A last group may be shorter."""
+    g = cols if group_size == 0 else group_size
+    return [(s, min(s + g, cols)) for s in range(0, cols, g)]
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest k-bit quantization per group of input columns (dequantized, float32)."""
+    out = torch.empty_like(w, dtype=torch.float32)
+    for s, e in groups_of(w.shape[1], group_size):
+        scale, zero = group_params(w[:, s:e], bits, symmetric)
+        out[:, s:e] = fake_quantize(w[:, s:e], scale, zero, bits)
+    return out
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
+         damp: float = 0.01, block: int = 128, keep_zeros: bool = False) -> torch.Tensor:
+    """GPTQ: quantize W [rows, cols] column by column, spreading each column's rounding error over the not yet
+    quantized columns through the inverse Hessian (lazy block updates). Group scales are fixed on the
+    original contiguous column groups before the loop ("static groups"), so act_order only changes the
+    processing order, never the stored layout. keep_zeros: weights that are 0 (pruned) stay 0."""
+    from compactmind.methods._sparse import prepare_hessian
+
+    W = W.float().clone()
+    rows, cols = W.shape
+    keep = (W != 0) if keep_zeros else None
+    Hinv_in = H
+    params = [(s, e, *group_params(W[:, s:e], bits, symmetric)) for s, e in groups_of(cols, group_size)]
+    col_group = torch.empty(cols, dtype=torch.long)
+    for gi, (s, e, _, _) in enumerate(params):
+        col_group[s:e] = gi
+    scales = torch.stack([p[2] for p in params])  # [groups, rows, 1]
+    zeros = torch.stack([p[3] for p in params])
+    perm = torch.argsort(torch.diag(Hinv_in), descending=True) if act_order else torch.arange(cols)
+    W = W[:, perm]
+    H = Hinv_in[perm][:, perm]
+    if keep is not None:
+        keep = keep[:, perm]
+    Hinv = prepare_hessian(H, W, damp)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = col_group[perm[i1 + i]]
+            q = fake_quantize(W1[:, i:i + 1], scales[g], zeros[g], bits).squeeze(1)
+            if keep is not None:
+                q = q * keep[:, i1 + i]
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+def awq_search_scale(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                     n_grid: int = 20) -> torch.Tensor:
+    """AWQ's per-input-channel scale: s = mean|x|^alpha (normalised), alpha on a grid in [0, 1), chosen to
+    minimise || Q(W diag(s)) diag(s)^-1 x - W x ||^2 over calibration rows x [n, cols], W [rows, cols]."""
+    xf = x.float()
+    wf = weight.float()
+    reference = xf @ wf.T
+    mean_abs = xf.abs().mean(0).clamp(min=1e-5)
+    best, best_s = math.inf, torch.ones_like(mean_abs)
+    for i in range(n_grid):
+        s = mean_abs.pow(i / n_grid)
+        s = s / (s.max() * s.min()).sqrt()
+        wq = rtn(wf * s, bits, group_size, symmetric) / s
+        loss = (xf @ wq.T - reference).pow(2).mean().item()
+        if loss < best:
+            best, best_s = loss, s
+    return best_s
+
+
+# ---- glue shared by the weight-only quantizers ------------------------------------------------------------
+
+
+def check_quant(bits: int, group_size: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    if group_size < 0:
+        raise ValueError(f"group_size must be 0 (one group per row) or positive, got {group_size}")
+
+
+def is_sparse(linear: nn.Linear) -> bool:
+    from compactmind.footprint import get_format
+
+    return get_format(linear, "weight").sparsity != "dense"
+
+
+def write_quantized_(linear: nn.Linear, new_weight: torch.Tensor, bits: int, group_size: int,
+                     symmetric: bool) -> None:
+    """Store a dequantized weight and record its packed format (codes, FP16 scales, zero points)."""
+    from compactmind.footprint import set_format
+
+    linear.weight.copy_(new_weight.to(linear.weight.dtype))
+    set_format(linear, "weight", bits=bits, scaled=True, group_size=group_size or None, zero_point=not symmetric)
+
+
+@torch.no_grad()
+def cast_all_(model: nn.Module, dtype: torch.dtype, bits: int) -> None:
+    """Round every weight through `dtype` (an FP16/BF16 checkpoint) and record it at `bits`."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.data.copy_(p.data.to(dtype).to(p.dtype))
+            narrow_to(module, name, bits)

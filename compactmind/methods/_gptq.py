@@ -1,0 +1,62 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023).
+
+Weight-only quantization as layer-wise reconstruction: with the layer Hessian H = 2 X X^T of the calibration
+inputs, each column is rounded in turn and its rounding error is distributed over the columns not yet
+quantized through the Cholesky factor of H^-1 (the OBQ update, applied in lazy blocks of 128 columns).
+Dampening adds `damp` times the mean diagonal to H for stability; act_order processes columns by decreasing
+H_jj (the most sensitive first); group scales are fixed on contiguous column groups ("static groups"), so the
+packed layout is the same as RTN's. Weights that an earlier pruning step zeroed stay zero. Statistics come from
+the shared layer-by-layer calibration loop. Embeddings, norms and the head are kept in FP16.
+
+Parameters: `bits`, `group_size` (0: per output channel), `symmetric`, `act_order`, `damp` (fraction of the
+mean Hessian diagonal added to it; the paper uses 0.01).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compactmind.calibration import Hessian, require, sequential_
+from compactmind.methods._quant import cast_rest_to_fp16_, check_quant, gptq, is_sparse, write_quantized_
+from compactmind.registry import Kind, Method, register_method
+from compactmind.space import Categorical
+
+
+@register_method("gptq")
+class GPTQ(Method):
+    kind = Kind.QUANTIZATION
+    needs_calibration = True
+
+    @dataclass(frozen=True)
+    class Params:
+        bits: int = 4
+        group_size: int = 128
+        symmetric: bool = False
+        act_order: bool = True
+        damp: float = 0.01
+
+        def __post_init__(self):
+            check_quant(self.bits, self.group_size)
+            if not 0 < self.damp < 1:
+                raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+    space = {"bits": Categorical([3, 4]), "group_size": Categorical([128, 0]), "symmetric": Categorical([False]),
+             "act_order": Categorical([True, False]), "damp": Categorical([0.01])}
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        samples = require(calib, self.name).samples
+
+        def solve(_i, layer, stats):
+            modules = dict(layer.named_modules())
+            for lname, acc in stats.items():
+                lin = modules[lname]
+                q = gptq(lin.weight, acc.H, params.bits, params.group_size, params.symmetric, params.act_order,
+                         params.damp, keep_zeros=is_sparse(lin))
+                write_quantized_(lin, q, params.bits, params.group_size, params.symmetric)
+
+        sequential_(model, samples, lambda _n, lin: Hessian(lin), solve)
+        cast_rest_to_fp16_(model)

@@ -1,0 +1,46 @@
+"""INT-k round-to-nearest (RTN) weight-only quantization: the baseline of the GPTQ and AWQ papers.
+
+Every linear of the transformer blocks is quantized group by group along its input dimension: each group of
+`group_size` weights of a row gets a scale (FP16) and, when asymmetric, a k-bit zero point; weights are
+rounded to the nearest of 2^k levels. A group size that does not divide a layer's width leaves a shorter last
+group (counted as a full group's scale). Zero weights (from an earlier pruning step) stay zero. Embeddings,
+norms and the head are kept in FP16. No data is used.
+
+Parameters: `bits` (2, 3, 4 or 8); `group_size` (32, 64, 128 ..., or 0 for one group per output channel);
+`symmetric` (zero point fixed at 2^(k-1), or a stored per-group zero point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compactmind.methods._quant import cast_rest_to_fp16_, check_quant, rtn, write_quantized_
+from compactmind.models import block_linears
+from compactmind.registry import Kind, Method, register_method
+from compactmind.space import Categorical
+
+
+@register_method("rtn")
+class RTN(Method):
+    kind = Kind.QUANTIZATION
+
+    @dataclass(frozen=True)
+    class Params:
+        bits: int = 4
+        group_size: int = 128
+        symmetric: bool = False
+
+        def __post_init__(self):
+            check_quant(self.bits, self.group_size)
+
+    space = {"bits": Categorical([2, 3, 4, 8]), "group_size": Categorical([128, 0]),
+             "symmetric": Categorical([False])}
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        for _, lin in block_linears(model):
+            write_quantized_(lin, rtn(lin.weight, params.bits, params.group_size, params.symmetric),
+                             params.bits, params.group_size, params.symmetric)
+        cast_rest_to_fp16_(model)

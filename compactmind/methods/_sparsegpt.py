@@ -1,0 +1,77 @@
+"""SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+ICML 2023).
+
+Pruning as layer-wise reconstruction: with the layer Hessian H = 2 X X^T of the calibration inputs, columns are
+processed left to right in blocks of 128. In each block the mask is chosen adaptively (lowest w^2 / [H^-1]_jj^2,
+the OBS saliency), and every pruned or kept column's error is spread over the remaining columns through the
+Cholesky factor of H^-1, so the surviving weights compensate for the removed ones. Dampening adds 1% of the
+mean diagonal to H. N:M picks the mask per group of M columns as it reaches them. Statistics come from the
+shared layer-by-layer calibration loop.
+
+Parameters: `sparsity` (fraction zeroed per layer); `pattern` for the N:M variant ("2:4", "4:8").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compactmind.calibration import Hessian, require, sequential_
+from compactmind.methods._prune_common import NM_PATTERNS, check_nm, check_sparsity, write_pruned_
+from compactmind.methods._sparse import parse_nm, sparsegpt_
+from compactmind.registry import Kind, Method, register_method
+from compactmind.space import Categorical, Float
+
+DAMP = 0.01
+
+
+def _prune(model, calib, name, sparsity, pattern):
+    samples = require(calib, name).samples
+    nm = parse_nm(pattern) if pattern else None
+
+    def solve(_i, layer, stats):
+        modules = dict(layer.named_modules())
+        for lname, acc in stats.items():
+            lin = modules[lname]
+            write_pruned_(lin, sparsegpt_(lin.weight, acc.H, sparsity, nm, damp=DAMP), pattern)
+
+    sequential_(model, samples, lambda _n, lin: Hessian(lin), solve)
+
+
+@register_method("sparsegpt")
+class SparseGPT(Method):
+    kind = Kind.PRUNING
+    needs_calibration = True
+
+    @dataclass(frozen=True)
+    class Params:
+        sparsity: float = 0.5
+
+        def __post_init__(self):
+            check_sparsity(self.sparsity)
+
+    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        _prune(model, calib, self.name, params.sparsity, None)
+
+
+@register_method("sparsegpt_nm")
+class SparseGPTNM(Method):
+    kind = Kind.PRUNING
+    needs_calibration = True
+
+    @dataclass(frozen=True)
+    class Params:
+        pattern: str = "2:4"
+
+    space = {"pattern": Categorical(NM_PATTERNS)}
+
+    def check(self, model, params):
+        check_nm(model, params.pattern)
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        _prune(model, calib, self.name, 0.0, params.pattern)

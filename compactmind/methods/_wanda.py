@@ -1,0 +1,80 @@
+"""Wanda: pruning by weights and activations (Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach
+for Large Language Models", ICLR 2024; arXiv 2023).
+
+A weight's importance is |W_ij| * ||X_j||_2, its magnitude times the L2 norm of its input channel over the
+calibration tokens, so a small weight on an outlier channel survives. Weights are compared within each output
+row (unstructured: the lowest `sparsity` fraction of each row is zeroed) or within each group of M inputs
+(N:M). No weight update. Statistics come from the shared layer-by-layer calibration loop, so each block is
+scored on inputs that already went through the pruned blocks before it.
+
+Parameters: `sparsity` (fraction zeroed per output row); `pattern` for the N:M variant ("2:4", "4:8").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compactmind.calibration import InputNorms, require, sequential_
+from compactmind.methods._prune_common import NM_PATTERNS, check_nm, check_sparsity, write_pruned_
+from compactmind.methods._sparse import lowest_per_row_mask, nm_mask, parse_nm
+from compactmind.registry import Kind, Method, register_method
+from compactmind.space import Categorical, Float
+
+
+def wanda_score(weight: torch.Tensor, input_sq_mean: torch.Tensor) -> torch.Tensor:
+    """|W| * ||X_j|| (the per-token mean of x_j^2 gives the same ranking as the sum)."""
+    return weight.abs().float() * input_sq_mean.sqrt().unsqueeze(0)
+
+
+def _prune(model, calib, name, mask_of, pattern):
+    samples = require(calib, name).samples
+
+    def solve(_i, layer, stats):
+        modules = dict(layer.named_modules())
+        for lname, acc in stats.items():
+            lin = modules[lname]
+            score = wanda_score(lin.weight, acc.sq)
+            write_pruned_(lin, lin.weight.masked_fill(mask_of(score), 0), pattern)
+
+    sequential_(model, samples, lambda _n, lin: InputNorms(lin), solve)
+
+
+@register_method("wanda")
+class Wanda(Method):
+    kind = Kind.PRUNING
+    needs_calibration = True
+
+    @dataclass(frozen=True)
+    class Params:
+        sparsity: float = 0.5
+
+        def __post_init__(self):
+            check_sparsity(self.sparsity)
+
+    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        _prune(model, calib, self.name, lambda s: lowest_per_row_mask(s, params.sparsity), None)
+
+
+@register_method("wanda_nm")
+class WandaNM(Method):
+    kind = Kind.PRUNING
+    needs_calibration = True
+
+    @dataclass(frozen=True)
+    class Params:
+        pattern: str = "2:4"
+
+    space = {"pattern": Categorical(NM_PATTERNS)}
+
+    def check(self, model, params):
+        check_nm(model, params.pattern)
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        n, m = parse_nm(params.pattern)
+        _prune(model, calib, self.name, lambda s: nm_mask(s, n, m), params.pattern)
