@@ -1,4 +1,4 @@
-"""Command line: `compactmind run | eval | methods | report | best`.
+"""Command line: `compactmind run | create | worker | eval | methods | report | best`.
 
 The CLI owns logging and printing. Bad input ends with one sentence on stderr and a non-zero exit code:
 1 for a problem with the input or environment, 2 for a malformed command line, 130 after Ctrl-C.
@@ -50,6 +50,11 @@ def _model_args(p):
     _flag(p, "seed", type=int, default=0, help="seed for calibration sampling and random methods")
 
 
+def _budget_args(p):
+    _flag(p, "n_trials", type=int, help="trials to run in this process (default: the whole grid; 100 for others)")
+    _flag(p, "timeout", type=float, help="stop starting new trials after this many seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="compactmind", description="Automatic search over LLM compression pipelines.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -57,18 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run (or resume) a compression study")
-    run.add_argument("--study", help="study file (TOML): [run] flag values and [grids.METHOD] grids; "
-                                     "flags on the command line override it")
-    _model_args(run)
-    _flag(run, "target_ratio", type=float, default=0.5, help="minimum compression ratio, 0 <= r < 1 (default 0.5)")
-    _flag(run, "strategy", default="grid", help=f"search strategy: {', '.join(STRATEGIES)}")
-    _flag(run, "methods", help="comma-separated registered methods to search (default: all)")
-    _flag(run, "no_hybrids", action="store_true", help="search single methods only")
-    _flag(run, "storage", default=DEFAULT_STORAGE, help=f"Optuna RDB storage URL (default {DEFAULT_STORAGE})")
-    _flag(run, "study_name", help="study name (default: keyed by model, data, protocol and search space)")
+    create = sub.add_parser("create", help="create a study (and measure the dense baseline) for workers to run")
+    for p in (run, create):
+        p.add_argument("--study", help="study file (TOML): [run] flag values and [grids.METHOD] grids; "
+                                       "flags on the command line override it")
+        _model_args(p)
+        _flag(p, "target_ratio", type=float, default=0.5, help="minimum compression ratio, 0 <= r < 1 (default 0.5)")
+        _flag(p, "strategy", default="grid", help=f"search strategy: {' | '.join(STRATEGIES)} (default grid: every "
+                                                   "configuration once; the others stop on --n_trials/--timeout)")
+        _flag(p, "methods", help="comma-separated registered methods to search (default: all)")
+        _flag(p, "no_hybrids", action="store_true", help="search single methods only")
+        _flag(p, "storage", default=DEFAULT_STORAGE, help=f"Optuna RDB storage URL (default {DEFAULT_STORAGE})")
+        _flag(p, "study_name", help="study name (default: keyed by model, data, protocol and search space)")
+        _flag(p, "ppl_cap_factor", type=float, default=10.0,
+              help="early stop: a candidate whose running perplexity exceeds this times dense (default 10)")
+        _flag(p, "dominance_margin", type=float, default=2.0,
+              help="early stop: a candidate whose running perplexity exceeds this times that of a finished "
+                   "feasible trial with at least its ratio (default 2)")
+        _flag(p, "no_early_stop", action="store_true", help="evaluate every candidate on every window")
+    _budget_args(run)
     _flag(run, "output_dir", help="report folder (default results/run_YYYYmmdd_HHMMSS)")
-    _flag(run, "ppl_cap_factor", type=float, default=10.0,
-          help="stop evaluating a candidate once its running perplexity exceeds this times dense (default 10)")
+
+    worker = sub.add_parser("worker", help="join an existing study and run its trials (one per GPU or machine)")
+    _flag(worker, "study_name", required=True)
+    _flag(worker, "storage", default=DEFAULT_STORAGE)
+    worker.add_argument("--gpu", action="store_true", help="run on the GPU (error if none)")
+    worker.add_argument("--cpu", action="store_true", help="run on the CPU")
+    _budget_args(worker)
 
     ev = sub.add_parser("eval", help="perplexity and ratio of the dense model or one pipeline")
     _model_args(ev)
@@ -117,8 +137,8 @@ def _writable_dir(path: str) -> Path:
     return out
 
 
-def _load(args):
-    """Model and data as the flags say (shared by run and eval)."""
+def _load(args, seq_len: int | None = None):
+    """Model and data as the flags say (shared by run, create, worker and eval)."""
     from compactmind import data as data_mod
     from compactmind import models
 
@@ -128,7 +148,7 @@ def _load(args):
     log.info("loading model %s on %s (%s)", args.model_path or "default (SmolLM2-135M)", device, str(dtype)[6:])
     loaded = models.load_model(args.model_path, device, dtype)
     limit = loaded.max_positions or 2048
-    seq_len = args.seq_len or min(2048, limit)
+    seq_len = seq_len or args.seq_len or min(2048, limit)
     if seq_len > limit:
         raise ConfigError(f"--seq_len {seq_len} is above the model's context of {limit} tokens; pass at most {limit}.")
     data = data_mod.prepare(loaded.tokenizer, sources, seq_len, args.data_samples, args.max_eval_windows, args.seed)
@@ -137,31 +157,58 @@ def _load(args):
     return loaded, data
 
 
-def cmd_run(args) -> int:
-    from compactmind import pipeline as pl
-    from compactmind import report, search
-    from compactmind.models import Snapshot
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
 
-    cfg = RunConfig(
+
+def _config(args) -> RunConfig:
+    methods = args.methods.split(",") if isinstance(args.methods, str) else args.methods
+    return RunConfig(
         model_path=args.model_path, data_path=args.data_path, calib_path=args.calib_path,
         target_ratio=args.target_ratio, gpu=args.gpu, cpu=args.cpu, dtype=args.dtype, seq_len=args.seq_len,
         max_eval_windows=args.max_eval_windows, data_samples=args.data_samples, batch_size=args.batch_size,
-        strategy=args.strategy, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        if args.methods else None, hybrids=not args.no_hybrids, storage=args.storage, study_name=args.study_name,
-        output_dir=args.output_dir, seed=args.seed, ppl_cap_factor=args.ppl_cap_factor,
+        strategy=args.strategy, methods=tuple(m.strip() for m in methods if m.strip()) if methods else None,
+        hybrids=not args.no_hybrids, storage=args.storage, study_name=args.study_name,
+        output_dir=getattr(args, "output_dir", None), seed=args.seed, ppl_cap_factor=args.ppl_cap_factor,
+        dominance_margin=args.dominance_margin, early_stop=not args.no_early_stop,
+        n_trials=getattr(args, "n_trials", None), timeout=getattr(args, "timeout", None),
         grids=getattr(args, "grids", None))
+
+
+# What a worker needs to rebuild the study's settings: stored with the study when it is created.
+_SHARED_SETTINGS = ("model_path", "data_path", "calib_path", "target_ratio", "dtype", "seq_len", "max_eval_windows",
+                    "data_samples", "batch_size", "strategy", "methods", "no_hybrids", "seed", "ppl_cap_factor",
+                    "dominance_margin", "no_early_stop", "grids")
+
+
+def _open_or_create(args, cfg: RunConfig):
+    """Load model and data, then create the study or resume it (refusing one made with other settings)."""
+    from compactmind import pipeline as pl
+    from compactmind import search
+
     candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids, cfg.grids)
-    out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
     storage = search.open_storage(cfg.storage)
     loaded, data = _load(args)
     identity = search.study_identity(loaded, data, cfg, candidates)
     name = cfg.study_name or search.default_study_name(identity)
-    study, resumed = search.create_or_resume(storage, name, identity)
+    settings = {k: getattr(args, k, None) for k in _SHARED_SETTINGS}
+    settings.update(model_path=_abs(args.model_path), data_path=_abs(args.data_path),
+                    calib_path=_abs(args.calib_path), seq_len=data.seq_len, dtype=str(loaded.dtype)[6:],
+                    methods=list(cfg.methods) if cfg.methods else None)
+    study, resumed = search.create_or_resume(storage, name, identity, settings)
     log.info("%s study %r in %s: %d candidates (%d single, %d hybrid), target ratio %s",
              "resuming" if resumed else "new", name, search.safe_url(cfg.storage), len(candidates),
              sum(not c.is_hybrid for c in candidates), sum(c.is_hybrid for c in candidates), cfg.target_ratio)
     dense = search.dense_baseline(study, (loaded, data, cfg))
     log.info("dense perplexity %.4f (%d windows, %.1f s)", dense["perplexity"], dense["windows"], dense["seconds"])
+    return study, loaded, data, candidates, dense
+
+
+def _execute(study, loaded, data, candidates, dense, cfg: RunConfig) -> bool:
+    """Run the study's trials in this process; returns True when interrupted by Ctrl-C."""
+    from compactmind import search
+    from compactmind.models import Snapshot
+
     total = len(candidates)
 
     def on_trial(rec):
@@ -170,20 +217,58 @@ def cmd_run(args) -> int:
         ratio = rec.get("compression_ratio")
         figures += f", ratio {ratio:.4f}" if isinstance(ratio, float) else ""
         took = rec.get("compress_seconds", 0.0) + rec.get("eval_seconds", 0.0)
-        log.info("[trial %d/%d] %s: %s (%s, %.1f s)", rec["number"] + 1, total, rec["pipeline"], figures,
+        of = f"/{total}" if cfg.strategy == "grid" else ""
+        log.info("[trial %d%s] %s: %s (%s, %.1f s)", rec["number"] + 1, of, rec["pipeline"], figures,
                  rec.get("status"), took)
 
     ctx = search.make_context(loaded, data, cfg, candidates, dense["perplexity"], Snapshot(loaded.model), on_trial)
-    started = time.perf_counter()
-    interrupted = False
     try:
-        search.run(study, ctx, search.CandidateSampler(candidates))
+        search.run(study, ctx, search.make_sampler(cfg.strategy, candidates, cfg.seed))
     except KeyboardInterrupt:
-        interrupted = True
         log.error("interrupted: the current trial will be re-run when the study resumes")
+        return True
+    return False
+
+
+def cmd_run(args) -> int:
+    from compactmind import report, search
+
+    cfg = _config(args)
+    out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
+    study, loaded, data, candidates, dense = _open_or_create(args, cfg)
+    started = time.perf_counter()
+    interrupted = _execute(study, loaded, data, candidates, dense, cfg)
     records = search.collect(study, cfg.storage)
-    paths = report.write(records, out_dir)
+    report.write(records, out_dir)
     _summary(records, out_dir, time.perf_counter() - started)
+    return 130 if interrupted else 0
+
+
+def cmd_create(args) -> int:
+    cfg = _config(args)
+    study, *_ = _open_or_create(args, cfg)
+    print(f"study {study.study_name} is ready; start workers with: compactmind worker --study_name "
+          f"{study.study_name} --storage URL")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from compactmind import search
+
+    storage = search.open_storage(args.storage, create=False)
+    study = search.load_study(storage, args.study_name)
+    settings = search.stored_config(study)
+    merged = argparse.Namespace(**{**{k: settings.get(k) for k in _SHARED_SETTINGS},
+                                   "gpu": args.gpu, "cpu": args.cpu, "storage": args.storage,
+                                   "study_name": args.study_name, "n_trials": args.n_trials,
+                                   "timeout": args.timeout, "no_hybrids": bool(settings.get("no_hybrids")),
+                                   "no_early_stop": bool(settings.get("no_early_stop"))})
+    cfg = _config(merged)
+    study, loaded, data, candidates, dense = _open_or_create(merged, cfg)
+    interrupted = _execute(study, loaded, data, candidates, dense, cfg)
+    records = search.collect(study, cfg.storage)
+    print(f"worker done: study {records['study']} has {len(records['trials'])} trials "
+          f"({records['counts'].get('COMPLETE', 0)} evaluated)")
     return 130 if interrupted else 0
 
 
@@ -280,18 +365,20 @@ def cmd_best(args) -> int:
     return 0 if best is not None else 1
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report, "best": cmd_best}
+COMMANDS = {"run": cmd_run, "create": cmd_create, "worker": cmd_worker, "eval": cmd_eval, "methods": cmd_methods,
+            "report": cmd_report, "best": cmd_best}
 
 
 def _apply_study_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Make a study file's [run] values the defaults of `run`, so explicit flags still win."""
     args, _ = parser.parse_known_args(argv)
-    if args.command != "run" or not args.study:
+    if args.command not in ("run", "create") or not args.study:
         return
     from compactmind.config import load_study_file
 
     values, grids = load_study_file(args.study)
-    run = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    run = next(a for a in parser._subparsers._group_actions
+               if isinstance(a, argparse._SubParsersAction)).choices[args.command]
     known = {a.dest for a in run._actions}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from compactmind.errors import ConfigError
 
-STRATEGIES = ("grid",)
+STRATEGIES = ("grid", "tpe", "nsga2", "random", "qmc", "gp", "bruteforce")
 DEFAULT_STORAGE = "sqlite:///storage/compactmind.db"
 
 
@@ -33,6 +33,10 @@ class RunConfig:
     output_dir: str | None = None
     seed: int = 0
     ppl_cap_factor: float = 10.0
+    dominance_margin: float = 2.0  # stop a candidate whose running ppl is this many times a dominating trial's
+    early_stop: bool = True
+    n_trials: int | None = None  # budget for non-grid strategies (None: until --timeout, or 100 without one)
+    timeout: float | None = None  # seconds
     baseline_bits: float = 32.0
 
     def __post_init__(self):
@@ -50,6 +54,12 @@ class RunConfig:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}.")
         if not (self.ppl_cap_factor > 1.0 and math.isfinite(self.ppl_cap_factor)) and self.ppl_cap_factor != math.inf:
             raise ConfigError(f"--ppl_cap_factor must be above 1, got {self.ppl_cap_factor}.")
+        if self.dominance_margin < 1.0:
+            raise ConfigError(f"--dominance_margin must be at least 1, got {self.dominance_margin}.")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ConfigError(f"--n_trials must be at least 1, got {self.n_trials}.")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}.")
         if self.baseline_bits not in (16.0, 32.0):
             raise ConfigError(f"--baseline_bits must be 32 or 16, got {self.baseline_bits}.")
         if self.gpu and self.cpu:

@@ -38,6 +38,7 @@ from compactmind.space import Categorical, Float, Int
 log = logging.getLogger(__name__)
 
 CANDIDATE_ATTR = "compactmind:candidate"
+SPARE_ATTR = "compactmind:spare"  # a grid trial that found every candidate taken by other workers
 STUDY_ATTR = "compactmind"
 HEARTBEAT_S = 5
 GRACE_S = 20
@@ -126,30 +127,40 @@ class CandidateSampler(BaseSampler):
             label = next((str(c) for c in self.candidates if c.flat_params() == fixed), None)
         return label
 
-    def taken(self, study: optuna.Study) -> set[str]:
+    def taken(self, study: optuna.Study, exclude: int | None = None) -> set[str]:
         """Candidates done, running, queued, or failed by an error of their own (not by a kill or Ctrl-C)."""
         out = set()
         for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.FAIL and t.user_attrs.get("status") != "failed":
+            if t.number == exclude or t.state == TrialState.FAIL and t.user_attrs.get("status") != "failed":
                 continue  # killed or interrupted: its retry (or the next run) does it again
             label = self.label_of(t)
             if label is not None:
                 out.add(label)
         return out
 
-    def remaining(self, study: optuna.Study) -> list[pl.Pipeline]:
-        taken = self.taken(study)
+    def remaining(self, study: optuna.Study, exclude: int | None = None) -> list[pl.Pipeline]:
+        taken = self.taken(study, exclude)
         return [c for c in self.candidates if str(c) not in taken]
 
     def before_trial(self, study, trial):
-        if self.label_of(trial) is not None:
+        label = self.label_of(trial)
+        if label is not None:
             if CANDIDATE_ATTR not in trial.system_attrs:
-                study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, self.label_of(trial))
+                study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, label)
             return
-        todo = self.remaining(study)
-        if not todo:
-            raise RuntimeError("The grid is exhausted; no candidate is left for this trial.")
-        study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, str(todo[0]))
+        # Several workers may pick the same next candidate at the same moment. Each writes its pick, then looks
+        # for another holder; whoever sees one moves on, so no candidate runs twice.
+        for _ in range(len(self.candidates)):
+            todo = self.remaining(study, exclude=trial.number)
+            if not todo:
+                break
+            pick = str(todo[0])
+            study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, pick)
+            if not any(t.number != trial.number and self.label_of(t) == pick
+                       for t in study.get_trials(deepcopy=False)):
+                return
+        study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, None)
+        study._storage.set_trial_system_attr(trial._trial_id, SPARE_ATTR, True)
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -160,6 +171,26 @@ class CandidateSampler(BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         label = study._storage.get_trial_system_attrs(trial._trial_id)[CANDIDATE_ATTR]
         return self._by_label[label].flat_params()[param_name]
+
+
+def make_sampler(strategy: str, candidates: list[pl.Pipeline], seed: int) -> BaseSampler:
+    """The exact candidate grid, or one of Optuna's samplers over the structured space."""
+    samplers = optuna.samplers
+    if strategy == "grid":
+        return CandidateSampler(candidates)
+    if strategy == "tpe":
+        return samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+    if strategy == "nsga2":
+        return samplers.NSGAIISampler(seed=seed)
+    if strategy == "random":
+        return samplers.RandomSampler(seed=seed)
+    if strategy == "qmc":
+        return samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if strategy == "gp":
+        return samplers.GPSampler(seed=seed)
+    if strategy == "bruteforce":
+        return samplers.BruteForceSampler(seed=seed)
+    raise ValueError(strategy)
 
 
 # ---- the objective ---------------------------------------------------------------------------------------
@@ -191,9 +222,42 @@ def _set_constraint(trial: optuna.Trial, value: float) -> None:
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
 
 
+def _replay(trial: optuna.Trial, earlier: FrozenTrial) -> tuple[float, float]:
+    """A sampler proposed a configuration already measured in this study: reuse its figures."""
+    for k, v in earlier.user_attrs.items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("duplicate_of", earlier.number)
+    if "target_ratio" in earlier.constraints:
+        _set_constraint(trial, earlier.constraints["target_ratio"])
+    if earlier.state == TrialState.COMPLETE:
+        return tuple(earlier.values)
+    raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
+
+
+def _finished_twin(study: optuna.Study, label: str, number: int) -> FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.number != number and t.user_attrs.get("pipeline") == label and "duplicate_of" not in t.user_attrs \
+                and t.user_attrs.get("status") not in (None, "spare"):
+            return t
+    return None
+
+
+def _front(study: optuna.Study) -> list[tuple[float, float, int]]:
+    """(perplexity, ratio, number) of finished feasible trials: what a running candidate is compared with."""
+    return [(t.values[0], t.values[1], t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if all(v <= 0 for v in t.constraints.values())]
+
+
 def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
     cfg, model = ctx.config, ctx.loaded.model
+    if trial.storage.get_trial_system_attrs(trial._trial_id).get(SPARE_ATTR):
+        trial.set_user_attr("status", "spare")
+        trial.set_user_attr("reason", "every remaining candidate was taken by another worker")
+        raise optuna.TrialPruned("spare")
     candidate = suggest_pipeline(trial, ctx.shapes, ctx.spaces)
+    twin = _finished_twin(trial.study, str(candidate), trial.number)
+    if twin is not None:
+        return _replay(trial, twin)
     attrs: dict[str, Any] = {"pipeline": str(candidate), "steps": candidate.to_json(),
                              "hybrid": candidate.is_hybrid, "dtype": str(ctx.loaded.dtype).replace("torch.", ""),
                              "seq_len": ctx.data.seq_len}
@@ -222,13 +286,20 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
             _finish(ctx, trial.number, attrs)
             raise optuna.TrialPruned("infeasible")
         cap = cfg.ppl_cap_factor * ctx.dense_perplexity
+        rivals = [(p, r, n) for p, r, n in _front(trial.study) if r >= fp.compression_ratio]
+        min_windows = max(1, ctx.data.windows.shape[0] // 4)
 
         def stop(running: float, done: int) -> str | None:
             if running > cap:
                 return f"running perplexity {running:.4g} after {done} windows exceeds the cap {cap:.4g}"
+            if done >= min_windows:
+                for p, r, n in rivals:
+                    if running > cfg.dominance_margin * p:
+                        return (f"running perplexity {running:.4g} after {done} windows is over "
+                                f"{cfg.dominance_margin}x that of trial {n} ({p:.4g}) at ratio {r:.4f}")
             return None
 
-        result = perplexity(model, ctx.data.windows, cfg.batch_size, stop=stop)
+        result = perplexity(model, ctx.data.windows, cfg.batch_size, stop=stop if cfg.early_stop else None)
         record(perplexity=result.perplexity, eval_seconds=result.seconds, windows=result.windows,
                eval_tokens=result.tokens)
         if not math.isfinite(result.perplexity):
@@ -276,7 +347,7 @@ def study_identity(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidate
     }
 
 
-def create_or_resume(storage, name: str, identity: dict) -> tuple[optuna.Study, bool]:
+def create_or_resume(storage, name: str, identity: dict, config: dict | None = None) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists and matches; a different study under the name is refused."""
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing:
@@ -291,8 +362,17 @@ def create_or_resume(storage, name: str, identity: dict) -> tuple[optuna.Study, 
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "maximize"],
                                 load_if_exists=True)
     study.set_metric_names(OBJECTIVES)
-    study.set_user_attr(STUDY_ATTR, {"identity": identity})
+    study.set_user_attr(STUDY_ATTR, {"identity": identity, "config": config or {}})
     return study, False
+
+
+def stored_config(study: optuna.Study) -> dict:
+    """The settings the study was created with (what a worker needs to join it)."""
+    config = study.user_attrs.get(STUDY_ATTR, {}).get("config")
+    if not config:
+        raise StorageError(f"Study {study.study_name!r} was not created by compactmind (no stored settings); "
+                           "start it with 'compactmind run' or 'compactmind create'.")
+    return config
 
 
 def default_study_name(identity: dict) -> str:
@@ -313,15 +393,27 @@ def dense_baseline(study: optuna.Study, ctx_parts: tuple[LoadedModel, Dataset, R
     return meta["dense"]
 
 
-def run(study: optuna.Study, ctx: Context, sampler: CandidateSampler) -> None:
-    """Run candidates until every one is done here or by another worker; wait out trials of dead workers."""
+def run(study: optuna.Study, ctx: Context, sampler: BaseSampler) -> None:
+    """Run trials until the grid is done (here or by other workers) or the budget (--n_trials/--timeout) is
+    spent. Trials left RUNNING by dead workers are failed by the heartbeat and retried."""
+    cfg = ctx.config
     study.sampler = sampler
-    while True:
+    started, count = time.monotonic(), 0
+
+    def budget_left() -> bool:
+        return (cfg.n_trials is None or count < cfg.n_trials) and \
+            (cfg.timeout is None or time.monotonic() - started < cfg.timeout)
+
+    if not isinstance(sampler, CandidateSampler):
+        n = cfg.n_trials if cfg.n_trials or cfg.timeout or cfg.strategy == "bruteforce" else 100
+        study.optimize(lambda t: objective(ctx, t), n_trials=n, timeout=cfg.timeout, catch=(Exception,))
+        return
+    while budget_left():
         optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if waiting or sampler.remaining(study):
+        if any(t.state == TrialState.WAITING for t in trials) or sampler.remaining(study):
             study.optimize(lambda t: objective(ctx, t), n_trials=1, catch=(Exception,))
+            count += 1
             continue
         if any(t.state == TrialState.RUNNING for t in trials):
             time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for heartbeat

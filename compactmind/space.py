@@ -33,10 +33,26 @@ class Categorical:
     def contains(self, value: Any) -> bool:
         return value in self.choices
 
+    def _kind(self) -> type | None:
+        """bool, int or float when every choice has that type: then other values of the type are valid too
+        (bits=5 or group_size=32 outside the declared grid); strings form a closed set."""
+        for kind in (bool, int, float):
+            if all(type(c) is kind for c in self.choices):
+                return kind
+        return None
+
     def accepts(self, value: Any) -> bool:
-        return value in self.choices
+        kind = self._kind()
+        if kind is None:
+            return value in self.choices
+        return type(value) is kind or (kind is float and type(value) is int)
 
     def parse(self, text: str) -> Value:
+        kind = self._kind()
+        if kind is bool and text in ("True", "False", "true", "false"):
+            return text.lower() == "true"
+        if kind in (int, float):
+            return kind(text)
         for choice in self.choices:
             if str(choice) == text:
                 return choice

@@ -107,3 +107,118 @@ def test_smoothing_reduces_int8_error_with_an_outlier_channel():
     s = smoothing_scales(x.abs().amax(0), w.abs().amax(0), 0.5)
     smoothed = (w8a8(x / s, w * s) - exact).pow(2).mean()
     assert smoothed < 0.5 * naive
+
+
+# ---- pruning and weight-only quantization methods -----------------------------------------------------------
+
+import pytest  # noqa: E402
+
+from compactmind.methods._quant import gptq, group_params, rtn  # noqa: E402
+from compactmind.methods._sparse import lowest_mask, lowest_per_row_mask, sparsegpt_  # noqa: E402
+from compactmind.methods._wanda import wanda_score  # noqa: E402
+
+
+def outlier_layer(seed=0, rows=64, cols=128, tokens=512):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(tokens, cols, generator=g)
+    x[:, 5] *= 50.0  # an outlier input channel
+    return w, x
+
+
+def out_err(w_new, w, x):
+    return (x @ w_new.T - x @ w.T).pow(2).mean().item()
+
+
+def hessian(x):
+    return 2 * x.T @ x / x.shape[0]
+
+
+def test_wanda_beats_magnitude_on_a_layer_with_an_outlier_channel():
+    w, x = outlier_layer()
+    mag = w.masked_fill(lowest_mask(w.abs(), 0.5), 0)
+    wanda = w.masked_fill(lowest_per_row_mask(wanda_score(w, x.pow(2).mean(0)), 0.5), 0)
+    assert out_err(wanda, w, x) < 0.5 * out_err(mag, w, x)
+
+
+def test_sparsegpt_beats_magnitude_and_hits_the_sparsity():
+    w, x = outlier_layer(1)
+    pruned = sparsegpt_(w, hessian(x), sparsity=0.5)
+    assert (pruned == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    mag = w.masked_fill(lowest_mask(w.abs(), 0.5), 0)
+    assert out_err(pruned, w, x) < 0.5 * out_err(mag, w, x)
+
+
+def correlated_layer(seed=0, rows=64, cols=128, tokens=512):
+    """Inputs that live near a low-dimensional subspace, as LLM activations do."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(tokens, 16, generator=g) @ torch.randn(16, cols, generator=g) \
+        + 0.1 * torch.randn(tokens, cols, generator=g)
+    return w, x
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_reconstruction_error_is_below_rtn(bits):
+    w, x = correlated_layer(2)
+    for act_order in (False, True):
+        q = gptq(w, hessian(x), bits, 32, False, act_order)
+        assert out_err(q, w, x) < 0.7 * out_err(rtn(w, bits, 32, False), w, x)
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(2, 32, False), (3, 64, True), (4, 0, False), (4, 48, False)])
+def test_every_group_has_at_most_2_to_the_k_levels(bits, group, symmetric):
+    w, x = outlier_layer(3)
+    for q in (rtn(w, bits, group, symmetric), gptq(w, hessian(x), bits, group, symmetric, True)):
+        step = group or w.shape[1]
+        for s in range(0, w.shape[1], step):  # 48 leaves a short last group of 32
+            block = q[:, s:s + step]
+            for row in block[:6]:
+                assert row.unique().numel() <= 2 ** bits
+
+
+def test_quantizers_keep_pruned_zeros():
+    w, x = outlier_layer(4)
+    w = w.masked_fill(lowest_mask(w.abs(), 0.5), 0)
+    zeros = w == 0
+    assert (rtn(w, 4, 32, False)[zeros] == 0).all()
+    assert (gptq(w, hessian(x), 4, 32, False, True, keep_zeros=True)[zeros] == 0).all()
+    lo_hi = group_params(w[:, :32], 3, False)
+    assert (lo_hi[1] == lo_hi[1].round()).all()  # integer zero points: 0 is exactly representable
+
+
+@pytest.mark.parametrize("text, n, m", [("magnitude_nm(pattern=2:4)", 2, 4), ("wanda_nm(pattern=4:8)", 4, 8),
+                                        ("sparsegpt_nm(pattern=2:4)", 2, 4)])
+def test_nm_masks_have_n_nonzeros_in_every_m(text, n, m):
+    model = tiny_model()
+    pl.apply_(model, pl.parse(text), CALIB, 0)
+    for _, lin in block_linears(model):
+        groups = (lin.weight != 0).reshape(lin.weight.shape[0], -1, m).sum(-1)
+        assert (groups <= n).all() and (groups == n).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("text", ["magnitude(sparsity=0.3)", "wanda(sparsity=0.3)", "sparsegpt(sparsity=0.3)"])
+def test_unstructured_methods_reach_their_sparsity_in_every_layer(text):
+    model = tiny_model()
+    pl.apply_(model, pl.parse(text), CALIB, 0)
+    for _, lin in block_linears(model):
+        assert (lin.weight == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
+
+
+@pytest.mark.parametrize("quant", ["rtn(bits=4, group_size=32)", "gptq(bits=4, group_size=32)",
+                                   "awq(bits=4, group_size=32)", "int8_sq(alpha=0.5)"])
+def test_quantization_after_pruning_keeps_the_zeros(quant):
+    model = tiny_model()
+    pl.apply_(model, pl.parse(f"wanda(sparsity=0.5) -> {quant}"), CALIB, 0)
+    for _, lin in block_linears(model):
+        assert (lin.weight == 0).float().mean().item() >= 0.5
+
+
+def test_awq_is_exact_before_rounding_and_beats_rtn_on_outliers():
+    from compactmind.methods._quant import awq_search_scale
+
+    w, x = outlier_layer(5)
+    s = awq_search_scale(x, w, 3, 32, False)
+    assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-3)
+    awq = rtn(w * s, 3, 32, False) / s
+    assert out_err(awq, w, x) < out_err(rtn(w, 3, 32, False), w, x)

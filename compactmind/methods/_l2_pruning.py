@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compactmind.errors import IncompatiblePipelineError
+from compactmind.methods._prune_common import check_sparsity
 from compactmind.models import decoder_layers
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Categorical, Float
@@ -79,8 +80,7 @@ class L2Pruning(Method):
         scope: str = "mlp"
 
         def __post_init__(self):
-            if not 0.0 <= self.sparsity < 1.0:
-                raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            check_sparsity(self.sparsity)
 
     space = {"sparsity": Float(0.1, 0.3, step=0.1), "scope": Categorical(["mlp", "heads", "both"])}
     identity = Params(sparsity=0.0, scope="both")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from compactmind.footprint import set_format
+from compactmind.methods._prune_common import check_sparsity
 from compactmind.models import block_linears
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Float
@@ -37,8 +38,7 @@ class RandomPruning(Method):
         sparsity: float = 0.0
 
         def __post_init__(self):
-            if not 0.0 <= self.sparsity < 1.0:
-                raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            check_sparsity(self.sparsity)
 
     space = {"sparsity": Float(0.1, 0.5, step=0.1)}
     identity = Params(sparsity=0.0)

@@ -52,6 +52,7 @@ class SparseGPT(Method):
             check_sparsity(self.sparsity)
 
     space = {"sparsity": Float(0.1, 0.5, step=0.1)}
+    identity = Params(sparsity=0.0)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

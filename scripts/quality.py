@@ -1,0 +1,104 @@
+"""Quality table: the published orderings of pruning and quantization methods, reproduced on our model.
+
+Evaluates, on the same WikiText-2 raw test windows for every row, with calibration windows drawn from the
+WikiText-2 validation split: dense; magnitude, Wanda and SparseGPT at 50% and 2:4; RTN and GPTQ at W4 and W3;
+AWQ W4; SmoothQuant W8A8 and naive W8A8. Prints perplexity, compression ratio and compression seconds per row,
+then checks the orderings the papers report.
+
+    .venv/bin/python scripts/quality.py [--model_path DIR] [--seq_len 512] [--windows 16] [--samples 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compactmind import data as D
+from compactmind import models
+from compactmind import pipeline as pl
+from compactmind.calibration import Calibration
+from compactmind.evaluate import perplexity
+from compactmind.footprint import Reference, measure
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def rows(group: int) -> list[tuple[str, str]]:
+    g = f"group_size={group}"
+    return [
+        ("dense", "dense"),
+        ("magnitude 50%", "magnitude(sparsity=0.5)"),
+        ("wanda 50%", "wanda(sparsity=0.5)"),
+        ("sparsegpt 50%", "sparsegpt(sparsity=0.5)"),
+        ("magnitude 2:4", "magnitude_nm(pattern=2:4)"),
+        ("wanda 2:4", "wanda_nm(pattern=2:4)"),
+        ("sparsegpt 2:4", "sparsegpt_nm(pattern=2:4)"),
+        (f"RTN W4 g{group}", f"rtn(bits=4, {g})"),
+        (f"GPTQ W4 g{group}", f"gptq(bits=4, {g})"),
+        (f"RTN W3 g{group}", f"rtn(bits=3, {g})"),
+        (f"GPTQ W3 g{group}", f"gptq(bits=3, {g})"),
+        (f"AWQ W4 g{group}", f"awq(bits=4, {g})"),
+        ("SmoothQuant W8A8", "int8_sq(alpha=0.5)"),
+        ("naive W8A8", "int8_sq(alpha=0.5, smooth=False)"),
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model_path", help="model folder or .gguf (default: SmolLM2-135M)")
+    ap.add_argument("--test", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    ap.add_argument("--calib", default=str(SHARED / "wikitext-2" / "wiki.valid.tokens"))
+    ap.add_argument("--seq_len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--group_size", type=int, default=64, help="a group size that divides the model's widths")
+    ap.add_argument("--gpu", action="store_true")
+    args = ap.parse_args()
+
+    device = models.pick_device(gpu=args.gpu)
+    loaded = models.load_model(args.model_path, device, torch.float32 if device.type == "cpu" else torch.float16)
+    data = D.prepare(loaded.tokenizer, D.Sources(Path(args.test), Path(args.calib), "wikitext-2"), args.seq_len,
+                     args.samples, args.windows, seed=0)
+    model = loaded.model
+    snapshot = models.Snapshot(model)
+    ref = Reference.of(model)
+    print(f"model {loaded.name}, {data.info['windows']} windows x {args.seq_len} tokens of {args.test}, "
+          f"{args.samples} calibration samples from {args.calib}, {str(loaded.dtype)[6:]} on {device}")
+    print(f"{'row':<20} {'perplexity':>10} {'ratio':>7} {'bits/w':>7} {'compress s':>10}  pipeline")
+    results = {}
+    for label, text in rows(args.group_size):
+        snapshot.restore()
+        spec = pl.parse(text)
+        start = time.perf_counter()
+        pl.apply_(model, spec, Calibration(data.calib), 0)
+        seconds = time.perf_counter() - start
+        fp = measure(model, ref)
+        ppl = perplexity(model, data.windows, batch_size=4).perplexity
+        results[label] = ppl
+        print(f"{label:<20} {ppl:>10.3f} {fp.compression_ratio:>7.4f} {fp.bits_per_weight:>7.2f} {seconds:>10.1f}  "
+              f"{spec}", flush=True)
+
+    g = args.group_size
+    checks = [
+        ("wanda 50% well below magnitude 50%", results["wanda 50%"] < 0.8 * results["magnitude 50%"]),
+        ("sparsegpt 50% well below magnitude 50%", results["sparsegpt 50%"] < 0.8 * results["magnitude 50%"]),
+        ("magnitude 2:4 worse than 50%", results["magnitude 2:4"] > results["magnitude 50%"]),
+        ("wanda 2:4 worse than 50%", results["wanda 2:4"] > results["wanda 50%"]),
+        ("sparsegpt 2:4 worse than 50%", results["sparsegpt 2:4"] > results["sparsegpt 50%"]),
+        ("GPTQ W4 below RTN W4", results[f"GPTQ W4 g{g}"] < results[f"RTN W4 g{g}"]),
+        ("GPTQ W3 clearly below RTN W3", results[f"GPTQ W3 g{g}"] < 0.9 * results[f"RTN W3 g{g}"]),
+        ("AWQ W4 below RTN W4", results[f"AWQ W4 g{g}"] < results[f"RTN W4 g{g}"]),
+        ("SmoothQuant W8A8 within 3% of dense", results["SmoothQuant W8A8"] < 1.03 * results["dense"]),
+    ]
+    print()
+    for name, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
