@@ -1,0 +1,136 @@
+"""Many workers on one study: SQLite and a real PostgreSQL server on 127.0.0.1. Each configuration must run
+exactly once, and a worker killed with SIGKILL mid-trial must have its trial retried by another."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from compactmind import pipeline as pl
+from compactmind.cli import main
+
+METHODS = ["random_pruning", "l2_pruning", "fp16"]
+
+
+def finished_labels(storage, name):
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    done = [t.user_attrs.get("pipeline") for t in trials
+            if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get("status") != "spare"]
+    return done, trials
+
+
+def start_workers(storage, name, n):
+    cmd = [sys.executable, "-m", "compactmind", "-q", "worker", "--study_name", name, "--storage", storage]
+    return [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(n)]
+
+
+def create(tiny_model_dir, text_file, storage, name):
+    rc = main(["-q", "create", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+               "--max_eval_windows", "40", "--data_samples", "2", "--target_ratio", "0.0",
+               "--methods", ",".join(METHODS), "--storage", storage, "--study_name", name])
+    assert rc == 0
+
+
+def check_exactly_once(storage, name):
+    done, trials = finished_labels(storage, name)
+    expected = sorted(str(c) for c in pl.candidates(METHODS))
+    assert sorted(done) == expected, "duplicated or missing configurations"
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    return trials
+
+
+def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False):
+    create(tiny_model_dir, text_file, storage, name)
+    procs = start_workers(storage, name, 3)
+    killed = None
+    if kill_one:
+        deadline = time.time() + 120
+        while time.time() < deadline and killed is None:
+            study = optuna.load_study(study_name=name, storage=storage)
+            running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+            done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+            if running and len(done) >= 5:
+                procs[0].send_signal(signal.SIGKILL)
+                killed = procs[0]
+            time.sleep(0.05)
+        assert killed is not None, "no trial was running to kill"
+    for p in procs:
+        p.wait(timeout=600)
+        if p is not killed:
+            assert p.returncode == 0, p.stderr.read().decode()[-2000:]
+    return check_exactly_once(storage, name)
+
+
+def test_three_workers_on_sqlite_with_one_killed(tiny_model_dir, text_file, tmp_path):
+    storage = f"sqlite:///{tmp_path}/shared.db"
+    trials = run_three_workers(tiny_model_dir, text_file, storage, "w3", kill_one=True)
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+
+
+def _pg_bin(name):
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries are not installed (scripts/install_test_services.sh installs them "
+                    "with apt-get as root)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 is not installed (pip install -e .[postgres])")
+    root = Path(tempfile.mkdtemp(prefix="compactmind-pg-"))  # outside pytest's root-only folder
+    data = root / "data"
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+        os.chmod(root, 0o777)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for cmd in ([initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
+                [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
+                 f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200", "start"]):
+        done = subprocess.run(as_user + cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{cmd[0]} failed: {done.stdout[-1000:]} {done.stderr[-1000:]}"
+    try:
+        import psycopg2
+
+        con = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        con.autocommit = True
+        con.cursor().execute("CREATE DATABASE compactmind")
+        con.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/compactmind"
+    finally:
+        subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_three_workers_on_postgresql(tiny_model_dir, text_file, postgres):
+    run_three_workers(tiny_model_dir, text_file, postgres, "pg3")
+
+
+def test_worker_refuses_a_missing_study(tmp_path, capsys):
+    db = tmp_path / "empty.db"
+    assert main(["-q", "worker", "--study_name", "nope", "--storage", f"sqlite:///{db}"]) == 1
+    assert "does not exist" in capsys.readouterr().err
