@@ -127,12 +127,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _writable_dir(path: str) -> Path:
+    """Check (creating nothing yet) that the report folder can be made and written."""
     out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"Cannot create the output folder {out}: {exc.strerror}; pass a writable --output_dir.")
-    if not os.access(out, os.W_OK):
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"Cannot create the output folder {out}: {existing} is not a folder; pass another "
+                          "--output_dir.")
+    if not os.access(existing, os.W_OK):
         raise ConfigError(f"The output folder {out} is not writable; pass a writable --output_dir.")
     return out
 
@@ -144,14 +145,14 @@ def _load(args, seq_len: int | None = None):
 
     device = models.pick_device(args.gpu, args.cpu)
     dtype = models.pick_dtype(args.dtype, device)
-    sources = data_mod.resolve_sources(args.data_path, args.calib_path)  # fail on bad data before loading a model
+    texts = data_mod.resolve_sources(args.data_path, args.calib_path).read()  # bad files fail before a model load
     log.info("loading model %s on %s (%s)", args.model_path or "default (SmolLM2-135M)", device, str(dtype)[6:])
     loaded = models.load_model(args.model_path, device, dtype)
     limit = loaded.max_positions or 2048
     seq_len = seq_len or args.seq_len or min(2048, limit)
     if seq_len > limit:
         raise ConfigError(f"--seq_len {seq_len} is above the model's context of {limit} tokens; pass at most {limit}.")
-    data = data_mod.prepare(loaded.tokenizer, sources, seq_len, args.data_samples, args.max_eval_windows, args.seed)
+    data = data_mod.prepare(loaded.tokenizer, texts, seq_len, args.data_samples, args.max_eval_windows, args.seed)
     log.info("data: %s, %d windows of %d tokens (%d available); calibration: %s", data.info["label"],
              data.info["windows"], seq_len, data.info["windows_available"], data.info["calib_source"])
     return loaded, data
@@ -163,6 +164,8 @@ def _abs(path: str | None) -> str | None:
 
 def _config(args) -> RunConfig:
     methods = args.methods.split(",") if isinstance(args.methods, str) else args.methods
+    if methods is not None and not any(m.strip() for m in methods):
+        raise ConfigError("No candidate pipelines: --methods names no method; pass at least one.")
     return RunConfig(
         model_path=args.model_path, data_path=args.data_path, calib_path=args.calib_path,
         target_ratio=args.target_ratio, gpu=args.gpu, cpu=args.cpu, dtype=args.dtype, seq_len=args.seq_len,
@@ -187,8 +190,11 @@ def _open_or_create(args, cfg: RunConfig):
     from compactmind import search
 
     candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids, cfg.grids)
-    storage = search.open_storage(cfg.storage)
+    if not candidates:
+        raise ConfigError("No candidate pipelines: --methods names no method; pass at least one.")
+    search.check_storage(cfg.storage)  # fail before a long model load, and create nothing yet
     loaded, data = _load(args)
+    storage = search.open_storage(cfg.storage)
     identity = search.study_identity(loaded, data, cfg, candidates)
     name = cfg.study_name or search.default_study_name(identity)
     settings = {k: getattr(args, k, None) for k in _SHARED_SETTINGS}
@@ -394,10 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         _apply_study_file(parser, argv)
+        args = parser.parse_args(argv)
     except CompactMindError as exc:
         print(f"compactmind: error: {exc}", file=sys.stderr)
         return 1
-    args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -69,6 +69,18 @@ class Sources:
             return "\n\n".join(topics[k] for k in sorted(topics))
         return read_text(self.eval_path)
 
+    def read(self) -> "Texts":
+        """Read and check both texts (before any model is loaded, so bad files fail fast)."""
+        calib = read_text(self.calib_path, "calibration file") if self.calib_path is not None else None
+        return Texts(self, self.eval_text(), calib)
+
+
+@dataclass(frozen=True)
+class Texts:
+    sources: Sources
+    eval: str
+    calib: str | None
+
 
 def resolve_sources(data_path: str | None, calib_path: str | None) -> Sources:
     calib = Path(calib_path).expanduser() if calib_path else None
@@ -110,7 +122,7 @@ class Dataset:
         return self.windows.numel()
 
 
-def prepare(tokenizer, sources: Sources, seq_len: int, data_samples: int,
+def prepare(tokenizer, sources: Sources | Texts, seq_len: int, data_samples: int,
             max_eval_windows: int | None = None, seed: int = 0) -> Dataset:
     if seq_len < 2:
         raise ConfigError(f"--seq_len must be at least 2 tokens, got {seq_len}.")
@@ -118,11 +130,13 @@ def prepare(tokenizer, sources: Sources, seq_len: int, data_samples: int,
         raise ConfigError(f"--data_samples must be a positive number of calibration samples, got {data_samples}.")
     if max_eval_windows is not None and max_eval_windows < 1:
         raise ConfigError(f"--max_eval_windows must be at least 1, got {max_eval_windows}.")
-    tokens = tokenize(tokenizer, sources.eval_text())
+    texts = sources if isinstance(sources, Texts) else sources.read()
+    sources = texts.sources
+    tokens = tokenize(tokenizer, texts.eval)
     info = {"eval_source": str(sources.eval_path) if sources.eval_path else sources.label, "label": sources.label,
             "corpus_tokens": int(tokens.numel())}
     if sources.calib_path is not None:
-        calib_tokens = tokenize(tokenizer, read_text(sources.calib_path, "calibration file"))
+        calib_tokens = tokenize(tokenizer, texts.calib)
         if calib_tokens.numel() < seq_len + 1:
             raise DataError(f"The calibration file {sources.calib_path} has {calib_tokens.numel()} tokens, fewer "
                             f"than one window of {seq_len}; pass a longer file or a smaller --seq_len.")

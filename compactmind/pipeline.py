@@ -8,6 +8,7 @@ Parameters left out take the method's defaults.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -45,8 +46,12 @@ class Step:
 class Pipeline:
     steps: tuple[Step, ...]
 
-    def __str__(self) -> str:
+    @functools.cached_property
+    def label(self) -> str:
         return " -> ".join(map(str, self.steps)) if self.steps else "dense"
+
+    def __str__(self) -> str:
+        return self.label
 
     @property
     def shape(self) -> str:

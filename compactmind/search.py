@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,21 +59,50 @@ def safe_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeat (a killed trial becomes FAIL and is retried once its heartbeat is stale)."""
+def check_storage(url: str, create: bool = True) -> None:
+    """Checks that need no connection (nothing is created): the URL's form, and for SQLite the file itself."""
+    if "://" not in url:
+        raise StorageError(f"--storage {safe_url(url)!r} is not a database URL; use e.g. sqlite:///storage/study.db "
+                           "or postgresql://user@host/db.")
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if not path.exists() and not create:
             raise StorageError(f"The study database {path} does not exist; run a study first or pass --storage.")
-        if str(path) not in ("", ":memory:"):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StorageError(f"Cannot create the folder for the study database {path}: {exc.strerror}.") from exc
+        if path.is_dir():
+            raise StorageError(f"--storage points at the folder {path}; give a database file inside it.")
+        parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise StorageError(f"Cannot create the study database {path}: its folder is not writable.")
         if path.is_file() and path.stat().st_size > 0:
             with open(path, "rb") as fh:
                 if fh.read(16) != b"SQLite format 3\x00":
                     raise StorageError(f"{path} is not an SQLite database; pass another --storage file.")
+            if not create and not _has_studies_table(path):
+                raise StorageError(f"{path} is an SQLite database but holds no Optuna studies; pass the --storage "
+                                   "a study was run with.")
+
+
+def _has_studies_table(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() \
+                is not None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+
+
+def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeat (a killed trial becomes FAIL and is retried once its heartbeat is stale)."""
+    check_storage(url, create)
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if str(path) not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(
