@@ -1,0 +1,93 @@
+"""Bad trials and interruptions: the study records them and goes on, or stops cleanly and resumes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from compactmind import registry
+from compactmind.cli import main
+from compactmind.models import block_linears
+from compactmind.registry import Kind, Method, register_method
+from compactmind.space import Categorical
+
+
+@pytest.fixture()
+def faulty_methods():
+    @register_method("test_oom")
+    class OOM(Method):
+        kind = Kind.QUANTIZATION
+
+        @dataclass(frozen=True)
+        class Params:
+            when: str = "always"
+
+        space = {"when": Categorical(["always"])}
+
+        def apply_(self, model, params, calib, seed):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    @register_method("test_nan")
+    class NaN(Method):
+        kind = Kind.PRUNING
+
+        @dataclass(frozen=True)
+        class Params:
+            when: str = "always"
+
+        space = {"when": Categorical(["always"])}
+
+        @torch.no_grad()
+        def apply_(self, model, params, calib, seed):
+            for _, lin in block_linears(model):
+                lin.weight.fill_(float("nan"))
+
+    yield
+    registry._REGISTRY.pop("test_oom", None)
+    registry._REGISTRY.pop("test_nan", None)
+
+
+def test_out_of_memory_and_nan_trials_are_recorded_and_the_study_goes_on(faulty_methods, tiny_model_dir,
+                                                                          text_file, tmp_path):
+    rc = main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+               "--max_eval_windows", "2", "--data_samples", "1", "--target_ratio", "0.0",
+               "--methods", "test_oom,test_nan,fp16", "--storage", f"sqlite:///{tmp_path}/s.db",
+               "--output_dir", str(tmp_path / "out")])
+    assert rc == 0
+    trials = {t["pipeline"]: t for t in json.loads((tmp_path / "out" / "report.json").read_text())["trials"]}
+    oom = trials["test_oom"]
+    assert oom["state"] == "FAIL" and oom["status"] == "failed" and "OutOfMemoryError" in oom["reason"]
+    nan = trials["test_nan"]
+    assert nan["state"] == "PRUNED" and nan["status"] == "nonfinite"
+    assert trials["fp16"]["status"] == "ok"
+    assert len(trials) == 3 + 4  # the two hybrids of each order ran too
+
+
+def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_file, tmp_path):
+    cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir),
+           "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "30", "--data_samples", "2",
+           "--target_ratio", "0.0", "--methods", "random_pruning,l2_pruning,fp16",
+           "--storage", f"sqlite:///{tmp_path}/s.db", "--study_name", "ctrlc", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    db = tmp_path / "s.db"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (db.exists() and db.stat().st_size > 100_000):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert b"Traceback" not in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert 0 < len(report["trials"]) < 43
+    done = subprocess.run(cmd, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
+    finished = [t["pipeline"] for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == len(set(finished)) == 43
+    assert not [t for t in trials if t["state"] == "RUNNING"]
