@@ -27,25 +27,13 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (xf / scale).round().clamp(-qmax, qmax).mul(scale).to(x.dtype)
 
 
-@torch.no_grad()
 def cast_rest_to_fp16_(model: nn.Module) -> None:
     """Round every weight outside the block linears through FP16 and record it as 16-bit.
 
     Quantized checkpoints (GPTQ, AWQ, SmoothQuant) keep embeddings, norms and the head in FP16; the search
     simulates that so the accounting and the measured perplexity describe the same model.
     """
-    quantized = {id(m.weight) for _, m in block_linears(model)}
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in quantized:
-                continue
-            if id(p) not in seen:
-                seen.add(id(p))
-                p.data.copy_(p.data.to(torch.float16).to(p.dtype))
-            narrow_to(module, name, 16)
-
-
+    cast_all_(model, torch.float16, 16, skip={id(m.weight) for _, m in block_linears(model)})
 
 # ---- weight-only k-bit quantization (GPTQ's convention: unsigned codes 0..2^k-1 with a zero point) ----------
 
@@ -174,11 +162,13 @@ def write_quantized_(linear: nn.Linear, new_weight: torch.Tensor, bits: int, gro
 
 
 @torch.no_grad()
-def cast_all_(model: nn.Module, dtype: torch.dtype, bits: int) -> None:
-    """Round every weight through `dtype` (an FP16/BF16 checkpoint) and record it at `bits`."""
+def cast_all_(model: nn.Module, dtype: torch.dtype, bits: int, skip: set[int] = frozenset()) -> None:
+    """Round every weight (but those in `skip`, by id) through `dtype` and record it at `bits`."""
     seen: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
+            if id(p) in skip:
+                continue
             if id(p) not in seen:
                 seen.add(id(p))
                 p.data.copy_(p.data.to(dtype).to(p.dtype))
