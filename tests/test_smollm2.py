@@ -50,3 +50,26 @@ def test_a_short_study_on_smollm2(tmp_path, capsys):
     dense = report["dense"]["perplexity"]
     assert all(t["perplexity"] < 1.05 * dense for t in int8)  # SmoothQuant W8A8 stays close to dense
     assert report["best"]["pipeline"].startswith("int8_sq") and report["best"]["compression_ratio"] > 0.6
+
+
+@pytest.mark.skipif(not D.SHARED_WIKITEXT_VALID.is_file(), reason="WikiText-2 validation file not found")
+def test_published_orderings_hold_on_smollm2(smollm2):
+    """The quality bars that fit CI's time (scripts/quality.py prints the whole table)."""
+    from compactmind import pipeline as pl
+    from compactmind.calibration import Calibration
+
+    ds = D.prepare(smollm2.tokenizer, D.Sources(WIKI, D.SHARED_WIKITEXT_VALID, "wikitext-2"), 256, 4,
+                   max_eval_windows=4)
+    snap = models.Snapshot(smollm2.model)
+    rows = {"dense": "dense", "magnitude": "magnitude(sparsity=0.5)", "wanda": "wanda(sparsity=0.5)",
+            "rtn3": "rtn(bits=3, group_size=64)", "gptq3": "gptq(bits=3, group_size=64)",
+            "sq": "int8_sq(alpha=0.5)"}
+    ppl = {}
+    for key, text in rows.items():
+        snap.restore()
+        pl.apply_(smollm2.model, pl.parse(text), Calibration(ds.calib), 0)
+        ppl[key] = perplexity(smollm2.model, ds.windows, batch_size=4).perplexity
+    snap.restore()
+    assert ppl["wanda"] < 0.8 * ppl["magnitude"]
+    assert ppl["gptq3"] < 0.9 * ppl["rtn3"]
+    assert ppl["sq"] < 1.03 * ppl["dense"]
