@@ -121,7 +121,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
     # Heartbeats and stale-trial handling work as documented but Optuna still flags them experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    # Failed trials are reported by our own log line with their reason; Optuna would add a traceback.
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import datetime
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -434,21 +437,61 @@ def run(study: optuna.Study, ctx: Context, sampler: BaseSampler) -> None:
         return (cfg.n_trials is None or count < cfg.n_trials) and \
             (cfg.timeout is None or time.monotonic() - started < cfg.timeout)
 
-    if not isinstance(sampler, CandidateSampler):
-        n = cfg.n_trials if cfg.n_trials or cfg.timeout or cfg.strategy == "bruteforce" else 100
-        study.optimize(lambda t: objective(ctx, t), n_trials=n, timeout=cfg.timeout, catch=(Exception,))
-        return
-    while budget_left():
-        optuna.storages.fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials) or sampler.remaining(study):
-            study.optimize(lambda t: objective(ctx, t), n_trials=1, catch=(Exception,))
-            count += 1
-            continue
-        if any(t.state == TrialState.RUNNING for t in trials):
-            time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for heartbeat
-            continue
-        return
+    interrupted = {"stop": False, "inside": False}
+
+    def on_sigint(_signum, _frame):
+        # Ctrl-C inside a trial raises there, so Optuna marks that trial FAIL (it is re-run on resume); outside
+        # one (while a trial is being created) it only asks the loop to stop, so no trial is left RUNNING.
+        interrupted["stop"] = True
+        if interrupted["inside"]:
+            raise KeyboardInterrupt
+
+    def guarded(trial):
+        if interrupted["stop"]:
+            raise KeyboardInterrupt
+        interrupted["inside"] = True
+        try:
+            return objective(ctx, trial)
+        finally:
+            interrupted["inside"] = False
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        if not isinstance(sampler, CandidateSampler):
+            n = cfg.n_trials if cfg.n_trials or cfg.timeout or cfg.strategy == "bruteforce" else 100
+            study.optimize(guarded, n_trials=n, timeout=cfg.timeout, catch=(Exception,))
+            return
+        while budget_left():
+            if interrupted["stop"]:
+                raise KeyboardInterrupt
+            optuna.storages.fail_stale_trials(study)
+            _fail_orphans(study)
+            trials = study.get_trials(deepcopy=False)
+            if any(t.state == TrialState.WAITING for t in trials) or sampler.remaining(study):
+                study.optimize(guarded, n_trials=1, catch=(Exception,))
+                count += 1
+                continue
+            if any(t.state == TrialState.RUNNING for t in trials):
+                time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for heartbeat
+                continue
+            return
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _fail_orphans(study: optuna.Study) -> None:
+    """A process killed while Optuna was still creating a trial leaves it RUNNING before its first heartbeat, so
+    the heartbeat never marks it stale. Such a trial has no parameters yet (they are the objective's first
+    act); once it is older than the grace period it is failed here, and its candidate goes back to the grid."""
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not t.params and t.datetime_start and (now - t.datetime_start).total_seconds() > GRACE_S:
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # finished meanwhile (another worker failed it, or it was alive after all)
 
 
 def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates, dense_ppl: float,
