@@ -160,16 +160,16 @@ class CandidateSampler(BaseSampler):
             label = next((str(c) for c in self.candidates if c.flat_params() == fixed), None)
         return label
 
+    def holder(self, t: FrozenTrial) -> str | None:
+        """The candidate this trial holds: done, running, queued, or failed by an error of its own. A trial
+        killed or interrupted holds nothing: its retry (or the next run) does the candidate again."""
+        if t.state == TrialState.FAIL and t.user_attrs.get("status") != "failed":
+            return None
+        return self.label_of(t)
+
     def taken(self, study: optuna.Study, exclude: int | None = None) -> set[str]:
-        """Candidates done, running, queued, or failed by an error of their own (not by a kill or Ctrl-C)."""
-        out = set()
-        for t in study.get_trials(deepcopy=False):
-            if t.number == exclude or t.state == TrialState.FAIL and t.user_attrs.get("status") != "failed":
-                continue  # killed or interrupted: its retry (or the next run) does it again
-            label = self.label_of(t)
-            if label is not None:
-                out.add(label)
-        return out
+        return {label for t in study.get_trials(deepcopy=False)
+                if t.number != exclude and (label := self.holder(t)) is not None}
 
     def remaining(self, study: optuna.Study, exclude: int | None = None) -> list[pl.Pipeline]:
         taken = self.taken(study, exclude)
@@ -189,7 +189,7 @@ class CandidateSampler(BaseSampler):
                 break
             pick = str(todo[0])
             study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, pick)
-            if not any(t.number != trial.number and self.label_of(t) == pick
+            if not any(t.number != trial.number and self.holder(t) == pick
                        for t in study.get_trials(deepcopy=False)):
                 return
         study._storage.set_trial_system_attr(trial._trial_id, CANDIDATE_ATTR, None)

@@ -68,7 +68,7 @@ def test_out_of_memory_and_nan_trials_are_recorded_and_the_study_goes_on(faulty_
     assert len(trials) == 3 + 4  # the two hybrids of each order ran too
 
 
-@pytest.mark.skip(reason="known hang after SIGINT in the resumed run; open in the reliability issue")
+
 def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_file, tmp_path):
     cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir),
            "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "30", "--data_samples", "2",

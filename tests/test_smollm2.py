@@ -58,7 +58,9 @@ def test_published_orderings_hold_on_smollm2(smollm2):
     from compactmind import pipeline as pl
     from compactmind.calibration import Calibration
 
-    ds = D.prepare(smollm2.tokenizer, D.Sources(WIKI, D.SHARED_WIKITEXT_VALID, "wikitext-2"), 256, 4,
+    # 16 x 256 calibration tokens: with fewer tokens than the widest layer's inputs (1536) the Hessians are
+    # singular and GPTQ's edge over RTN shrinks to noise (4 samples: 113.6 vs 122.2 at W3).
+    ds = D.prepare(smollm2.tokenizer, D.Sources(WIKI, D.SHARED_WIKITEXT_VALID, "wikitext-2"), 256, 16,
                    max_eval_windows=4)
     snap = models.Snapshot(smollm2.model)
     rows = {"dense": "dense", "magnitude": "magnitude(sparsity=0.5)", "wanda": "wanda(sparsity=0.5)",
