@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,17 @@ def safe_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+def scrub(text: str, url: str) -> str:
+    """text with the URL's password masked wherever it appears (driver errors may quote the URL)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(url, safe_url(url)).replace(password, "***") if password else text
+
+
 def check_storage(url: str, create: bool = True) -> None:
     """Checks that need no connection (nothing is created): the URL's form, and for SQLite the file itself."""
     if "://" not in url:
@@ -99,6 +111,49 @@ def _has_studies_table(path: Path) -> bool:
         return False
 
 
+SQLITE_BUSY_TIMEOUT_S = 30.0  # SQLite's own busy wait on a locked file, per statement
+LOCKED_RETRIES = 8  # then ours: the whole storage call again, after 0.1, 0.2, 0.4 ... 12.8 s
+
+
+def _is_locked(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        text = str(exc).lower()
+        if "database is locked" in text or "database is busy" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _retry_locked(call):
+    def retried(self, *args, **kwargs):
+        for attempt in range(LOCKED_RETRIES + 1):
+            try:
+                return call(self, *args, **kwargs)
+            except Exception as exc:  # a locked file rolls the transaction back, so the call can run again
+                if attempt == LOCKED_RETRIES or not _is_locked(exc):
+                    raise
+                delay = 0.1 * 2 ** attempt
+                log.warning("the study database is locked; retrying in %.1f s", delay)
+                time.sleep(delay)
+
+    retried.__name__ = call.__name__
+    retried.__doc__ = call.__doc__
+    return retried
+
+
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage on an SQLite file, with every call retried with exponential backoff while the file
+    is locked by another process (SQLite returns "database is locked" at once in some write-upgrade races,
+    before its own busy wait applies)."""
+
+
+for _name, _call in vars(optuna.storages.RDBStorage).items():
+    if callable(_call) and (not _name.startswith("_") or _name == "_get_stale_trial_ids") and _name not in (
+            "upgrade", "remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"):
+        setattr(SQLiteStorage, _name, _retry_locked(_call))
+
+
 def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeat (a killed trial becomes FAIL and is retried once its heartbeat is stale)."""
     check_storage(url, create)
@@ -106,13 +161,18 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
             path.parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    sqlite = url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if sqlite else {"pool_pre_ping": True}
+    storage_class = SQLiteStorage if sqlite else optuna.storages.RDBStorage
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+        with warnings.catch_warnings():  # heartbeat and retry are marked experimental; they are what we rely on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return storage_class(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = scrub(first, url)
         raise StorageError(f"Cannot open the storage {safe_url(url)}: {first}; check --storage "
                            "(an Optuna RDB URL such as sqlite:///storage/compactmind.db).") from exc
 
@@ -250,7 +310,11 @@ class Context:
 
 
 def _set_constraint(trial: optuna.Trial, value: float) -> None:
-    trial.set_constraint("target_ratio", value)
+    if "constraints:target_ratio" in trial.storage.get_trial_system_attrs(trial._trial_id):
+        # A retry of a killed trial inherits its system attributes, and Optuna keeps the first constraint value.
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints:target_ratio", value)
+    else:
+        trial.set_constraint("target_ratio", value)
     # optuna-dashboard 0.21 reads only the older list attribute; write it too so infeasible trials show so.
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
 
@@ -391,12 +455,20 @@ def create_or_resume(storage, name: str, identity: dict, config: dict | None = N
                              != json.dumps(stored.get(k), sort_keys=True, default=str))
             raise StorageError(f"Study {name!r} was made with a different {', '.join(differs)}; pass a new "
                                "--study_name (or leave it out to get one keyed by these settings).")
+        if stored is None:  # the creating process died before it could write the study's settings
+            _describe(study, identity, config)
         return study, True
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "maximize"],
                                 load_if_exists=True)
-    study.set_metric_names(OBJECTIVES)
-    study.set_user_attr(STUDY_ATTR, {"identity": identity, "config": config or {}})
+    _describe(study, identity, config)
     return study, False
+
+
+def _describe(study: optuna.Study, identity: dict, config: dict | None) -> None:
+    study.set_metric_names(OBJECTIVES)
+    meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
+    meta.update(identity=identity, config=config or {})
+    study.set_user_attr(STUDY_ATTR, meta)
 
 
 def stored_config(study: optuna.Study) -> dict:

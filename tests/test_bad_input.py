@@ -85,6 +85,8 @@ CASES = {
     "gpu and cpu together": (lambda e: run(e, "--gpu", "--cpu"), "exclude each other"),
     "storage URL that cannot be opened": (
         lambda e: run(e, storage="postgresql+psycopg2://nobody@127.0.0.1:1/none"), "Cannot open the storage"),
+    "storage URL with a password that cannot be opened": (
+        lambda e: run(e, storage="postgresql+psycopg2://nobody:Sekr1tPw@127.0.0.1:1/none"), "Cannot open the storage"),
     "storage that is not a URL": (lambda e: run(e, storage="just-a-name"), "not a database URL"),
     "SQLite file that is not a database": (
         lambda e: run(e, storage=f"sqlite:///{e['tmp']}/notadb.db"), "is not an SQLite database"),
@@ -116,6 +118,7 @@ def test_bad_input_gets_one_clear_sentence(case, env, capsys):
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1, err
     assert expected in lines[0], err
+    assert "Sekr1tPw" not in err
     assert not (env["tmp"] / "out").exists()  # no report, not even an empty folder
     assert not (env["tmp"] / "new.db").exists()  # no storage created
     assert {p: p.stat().st_mtime_ns for p in env["tmp"].glob("*.db")} == before  # none changed

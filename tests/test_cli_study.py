@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,35 @@ sparsity = [0.25]
     assert [t["pipeline"] for t in report["trials"]] == [
         "random_pruning(sparsity=0.25)", "fp16", "random_pruning(sparsity=0.25) -> fp16",
         "fp16 -> random_pruning(sparsity=0.25)"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("studies/*.toml")), ids=lambda p: p.name)
+def test_shipped_study_files_parse_into_a_valid_search(path):
+    """Every study file under studies/ names known flags, known methods and grids inside their spaces."""
+    from compactmind import pipeline as pl
+    from compactmind.cli import _apply_study_file, build_parser
+
+    parser = build_parser()
+    _apply_study_file(parser, ["run", "--study", str(path)])
+    args = parser.parse_args(["run", "--study", str(path)])
+    methods = args.methods.split(",") if args.methods else None
+    candidates = pl.candidates(methods, not args.no_hybrids, args.grids)
+    assert len(candidates) == len({str(c) for c in candidates}) > 0
+    assert args.strategy in ("grid", "tpe", "nsga2", "random", "qmc", "gp", "bruteforce")
+    assert 0 <= args.target_ratio < 1
+
+
+def test_the_original_grid_study_is_the_original_tools_grid():
+    from compactmind import pipeline as pl
+    from compactmind.cli import _apply_study_file, build_parser
+
+    path = Path(__file__).parents[1] / "studies" / "llama2_7b_original_grid.toml"
+    parser = build_parser()
+    _apply_study_file(parser, ["run", "--study", str(path)])
+    args = parser.parse_args(["run", "--study", str(path)])
+    candidates = pl.candidates(args.methods.split(","), True, args.grids)
+    singles = [c for c in candidates if not c.is_hybrid]
+    # random 5 + L2 9 + FP16 1 + INT8-SQ 3; hybrids: each pruning x each quantization, in both orders
+    assert len(singles) == 18
+    assert len(candidates) - len(singles) == 2 * (5 + 9) * (1 + 3)
+    assert args.gpu and args.seq_len == 2048 and args.target_ratio == 0.8

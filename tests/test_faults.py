@@ -92,3 +92,41 @@ def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_fi
     finished = [t["pipeline"] for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
     assert len(finished) == len(set(finished)) == 43
     assert not [t for t in trials if t["state"] == "RUNNING"]
+
+
+def test_a_locked_sqlite_file_is_retried_with_backoff(tmp_path, monkeypatch, caplog):
+    import sqlite3
+    import threading
+
+    import optuna
+
+    from compactmind import search
+
+    monkeypatch.setattr(search, "SQLITE_BUSY_TIMEOUT_S", 0.05)  # SQLite's own wait gives up at once
+    db = tmp_path / "s.db"
+    storage = search.open_storage(f"sqlite:///{db}")
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "locked")
+    other = sqlite3.connect(db, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the file
+    threading.Timer(1.0, other.rollback).start()
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="compactmind.search"):
+        storage.set_study_user_attr(study_id, "written", "after the lock")
+    assert time.monotonic() - started > 0.9
+    assert storage.get_study_user_attrs(study_id) == {"written": "after the lock"}
+    assert "database is locked" in caplog.text
+    other.close()
+
+
+def test_kill_nine_drill_short_version(tiny_model_dir, text_file, tmp_path):
+    """scripts/kill_resume.py with 3 kills: every configuration once, nothing RUNNING, reports = storage."""
+    script = __import__("pathlib").Path(__file__).parents[1] / "scripts" / "kill_resume.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--kills", "3", "--min_s", "6", "--max_s", "14", "--seed", "1",
+         "--storage", f"sqlite:///{tmp_path}/drill.db", "--study_name", "drill", "--output_dir", str(tmp_path / "out"),
+         "--", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+         "--max_eval_windows", "30", "--data_samples", "2", "--target_ratio", "0.0",
+         "--methods", "random_pruning,l2_pruning,fp16"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(": killed after") >= 1, done.stdout  # at least one kill landed mid-study
+    assert "OK: every configuration finished exactly once" in done.stdout
