@@ -1,4 +1,4 @@
-"""Command line: `compactmind run | create | worker | eval | methods | report | best`.
+"""Command line: `compactmind run | create | worker | eval | methods | report | best | export | dashboard`.
 
 The CLI owns logging and printing. Bad input ends with one sentence on stderr and a non-zero exit code:
 1 for a problem with the input or environment, 2 for a malformed command line, 130 after Ctrl-C.
@@ -106,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(best, "study_name", required=True)
     _flag(best, "storage", default=DEFAULT_STORAGE)
     best.add_argument("--pareto", action="store_true", help="also print the Pareto front")
+
+    exp = sub.add_parser("export", help="re-apply a trial's pipeline to the original model and write it as a "
+                                        "Hugging Face folder in the packed format")
+    _flag(exp, "study_name", required=True)
+    _flag(exp, "storage", default=DEFAULT_STORAGE)
+    exp.add_argument("--trial", default="best", help="'best' (the best feasible trial) or a trial number")
+    exp.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
+    exp.add_argument("--gpu", action="store_true", help="compress on the GPU (error if none)")
+    exp.add_argument("--cpu", action="store_true", help="compress on the CPU")
+    exp.add_argument("--verify", action="store_true",
+                     help="load the written folder back and re-measure its perplexity on the study's windows")
     return parser
 
 
@@ -259,17 +270,25 @@ def cmd_create(args) -> int:
     return 0
 
 
+def _stored_settings(args, study) -> argparse.Namespace:
+    """The study's own settings (model, data, protocol, grid), with this command's device and budget flags."""
+    from compactmind import search
+
+    settings = search.stored_config(study)
+    return argparse.Namespace(**{**{k: settings.get(k) for k in _SHARED_SETTINGS},
+                                 "gpu": args.gpu, "cpu": args.cpu, "storage": args.storage,
+                                 "study_name": args.study_name, "n_trials": getattr(args, "n_trials", None),
+                                 "timeout": getattr(args, "timeout", None),
+                                 "no_hybrids": bool(settings.get("no_hybrids")),
+                                 "no_early_stop": bool(settings.get("no_early_stop"))})
+
+
 def cmd_worker(args) -> int:
     from compactmind import search
 
     storage = search.open_storage(args.storage, create=False)
     study = search.load_study(storage, args.study_name)
-    settings = search.stored_config(study)
-    merged = argparse.Namespace(**{**{k: settings.get(k) for k in _SHARED_SETTINGS},
-                                   "gpu": args.gpu, "cpu": args.cpu, "storage": args.storage,
-                                   "study_name": args.study_name, "n_trials": args.n_trials,
-                                   "timeout": args.timeout, "no_hybrids": bool(settings.get("no_hybrids")),
-                                   "no_early_stop": bool(settings.get("no_early_stop"))})
+    merged = _stored_settings(args, study)
     cfg = _config(merged)
     study, loaded, data, candidates, dense = _open_or_create(merged, cfg)
     interrupted = _execute(study, loaded, data, candidates, dense, cfg)
@@ -372,8 +391,79 @@ def cmd_best(args) -> int:
     return 0 if best is not None else 1
 
 
+def _pick_trial(records: dict, which: str) -> dict:
+    if which == "best":
+        if records["best"] is None:
+            raise ConfigError(f"Study {records['study']} has no feasible trial (ratio >= {records['target_ratio']}); "
+                              "pass --trial NUMBER (see 'compactmind best --pareto').")
+        return records["best"]
+    if not which.isdigit():
+        raise ConfigError(f"--trial {which!r} is neither 'best' nor a trial number.")
+    found = next((t for t in records["trials"] if t["number"] == int(which)), None)
+    if found is None:
+        raise ConfigError(f"Study {records['study']} has no trial {which} (it has {len(records['trials'])} trials).")
+    if not found.get("pipeline") or found.get("status") not in ("ok", "infeasible", "early_stopped"):
+        raise ConfigError(f"Trial {which} of study {records['study']} has no measured pipeline (status "
+                          f"{found.get('status') or found['state']}); pick another with 'compactmind best --pareto'.")
+    return found
+
+
+def cmd_export(args) -> int:
+    from compactmind import export, packed, search
+    from compactmind import pipeline as pl
+    from compactmind.calibration import Calibration
+    from compactmind.evaluate import perplexity
+    from compactmind.footprint import Reference, measure
+
+    study = _open_study(args)
+    records = search.collect(study, args.storage)
+    trial = _pick_trial(records, args.trial)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"The export folder {out} already exists and is not empty; pass a new --out.")
+    _writable_dir(str(out))
+    merged = _stored_settings(args, study)
+    cfg = _config(merged)
+    study, loaded, data, _, dense = _open_or_create(merged, cfg)  # refuses a model or data changed on disk
+    spec = pl.parse(trial["pipeline"])
+    reference = Reference.of(loaded.model, cfg.baseline_bits)
+    log.info("re-applying trial %d: %s", trial["number"], spec)
+    pl.apply_(loaded.model, spec, Calibration(data.calib), cfg.seed)
+    fp = measure(loaded.model, reference)
+    if abs(fp.compression_ratio - trial["compression_ratio"]) > 1e-6:
+        log.warning("the re-applied pipeline's ratio %.6f differs from the trial's %.6f", fp.compression_ratio,
+                    trial["compression_ratio"])
+    manifest = {"study": records["study"], "trial": trial["number"], "pipeline": trial["pipeline"],
+                "steps": trial.get("steps"), "model": records["model"], "data": records["data"],
+                "protocol": records["protocol"], "target_ratio": records["target_ratio"], "dense": dense,
+                "trial_figures": {k: trial.get(k) for k in ("perplexity", "compression_ratio", "bits_per_weight",
+                                                            "sparsity", "model_bytes", "dtype", "status")},
+                "exported_figures": {"compression_ratio": fp.compression_ratio, "model_bytes": fp.model_bytes,
+                                     "bits_per_weight": fp.bits_per_weight, "sparsity": fp.sparsity}}
+    try:
+        manifest = export.write(loaded.model, loaded.tokenizer, out, manifest)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the export folder {out}: {exc.strerror or exc}.") from None
+    on_disk = export.folder_bytes(out)
+    dense_bytes = reference.dense_bytes
+    print(f"exported trial {trial['number']} ({trial['pipeline']}) to {out}/")
+    print(f"weights on disk: {on_disk / 2**20:.2f} MiB = {1 - on_disk / dense_bytes:.4f} smaller than the dense "
+          f"weights at {cfg.baseline_bits:g} bits ({dense_bytes / 2**20:.2f} MiB); recorded ratio "
+          f"{fp.compression_ratio:.4f}")
+    if args.verify:
+        device, loaded = loaded.device, None  # free the compressed copy before loading the exported one
+        reloaded = packed.load(out, device=device)
+        result = perplexity(reloaded, data.windows, cfg.batch_size)
+        manifest["verified_perplexity"] = result.perplexity
+        tmp = out / f".{packed.MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(tmp, out / packed.MANIFEST)
+        print(f"reloaded perplexity {result.perplexity:.4f} (trial: {trial.get('perplexity')})")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "create": cmd_create, "worker": cmd_worker, "eval": cmd_eval, "methods": cmd_methods,
-            "report": cmd_report, "best": cmd_best}
+            "report": cmd_report, "best": cmd_best, "export": cmd_export}
 
 
 def _apply_study_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:

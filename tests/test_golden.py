@@ -162,14 +162,14 @@ def correlated_layer(seed=0, rows=64, cols=128, tokens=512):
 def test_gptq_reconstruction_error_is_below_rtn(bits):
     w, x = correlated_layer(2)
     for act_order in (False, True):
-        q = gptq(w, hessian(x), bits, 32, False, act_order)
+        q = gptq(w, hessian(x), bits, 32, False, act_order).weight
         assert out_err(q, w, x) < 0.7 * out_err(rtn(w, bits, 32, False), w, x)
 
 
 @pytest.mark.parametrize("bits, group, symmetric", [(2, 32, False), (3, 64, True), (4, 0, False), (4, 48, False)])
 def test_every_group_has_at_most_2_to_the_k_levels(bits, group, symmetric):
     w, x = outlier_layer(3)
-    for q in (rtn(w, bits, group, symmetric), gptq(w, hessian(x), bits, group, symmetric, True)):
+    for q in (rtn(w, bits, group, symmetric), gptq(w, hessian(x), bits, group, symmetric, True).weight):
         step = group or w.shape[1]
         for s in range(0, w.shape[1], step):  # 48 leaves a short last group of 32
             block = q[:, s:s + step]
@@ -182,7 +182,7 @@ def test_quantizers_keep_pruned_zeros():
     w = w.masked_fill(lowest_mask(w.abs(), 0.5), 0)
     zeros = w == 0
     assert (rtn(w, 4, 32, False)[zeros] == 0).all()
-    assert (gptq(w, hessian(x), 4, 32, False, True, keep_zeros=True)[zeros] == 0).all()
+    assert (gptq(w, hessian(x), 4, 32, False, True, keep_zeros=True).weight[zeros] == 0).all()
     lo_hi = group_params(w[:, :32], 3, False)
     assert (lo_hi[1] == lo_hi[1].round()).all()  # integer zero points: 0 is exactly representable
 

@@ -21,7 +21,7 @@ import torch
 
 from compactmind.calibration import InputSample, require, sequential_
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.methods._quant import (awq_search_scale, cast_rest_to_fp16_, check_quant, rtn,
+from compactmind.methods._quant import (awq_search_scale, cast_rest_to_fp16_, check_quant, rtn_quantize,
                                         write_quantized_)
 from compactmind.models import decoder_layers
 from compactmind.registry import Kind, Method, register_method
@@ -82,7 +82,7 @@ class AWQ(Method):
                     lin.weight.mul_(s.to(lin.weight.dtype))
             for lname in stats:
                 lin = modules[lname]
-                write_quantized_(lin, rtn(lin.weight, params.bits, params.group_size, params.symmetric),
+                write_quantized_(lin, rtn_quantize(lin.weight, params.bits, params.group_size, params.symmetric),
                                  params.bits, params.group_size, params.symmetric)
 
         sequential_(model, samples, lambda _n, lin: InputSample(lin), solve)

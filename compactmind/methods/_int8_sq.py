@@ -23,8 +23,8 @@ import torch
 
 from compactmind.calibration import output_absmax, require
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.footprint import set_format
-from compactmind.methods._quant import cast_rest_to_fp16_, quantize_per_row_, quantize_per_token
+from compactmind.methods._quant import (cast_rest_to_fp16_, quantize_per_row, quantize_per_token,
+                                        write_quantized_)
 from compactmind.models import block_linears, decoder_layers
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Categorical, Float
@@ -79,9 +79,8 @@ class Int8SmoothQuant(Method):
         if params.smooth:
             smooth_(model, params.alpha, require(calib, self.name))
         for _, linear in block_linears(model):
-            linear.weight.copy_(quantize_per_row_(linear.weight, 8))
+            write_quantized_(linear, quantize_per_row(linear.weight, 8), 8, None, symmetric=True)
             linear.register_forward_pre_hook(_per_token_int8)
-            set_format(linear, "weight", bits=8, scaled=True, group_size=None)
         cast_rest_to_fp16_(model)
 
 

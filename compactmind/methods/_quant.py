@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -11,12 +12,33 @@ from compactmind.footprint import narrow_to
 from compactmind.models import block_linears
 
 
-def quantize_per_row_(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-output-channel round-to-nearest: one scale max|row| / (2^(bits-1) - 1) per row."""
+class Quantized(NamedTuple):
+    """A fake-quantized weight (float, = scale * (code - zero)) with the scale and zero point of each group of
+    input columns, [rows, groups]: what a packed export stores beside the integer codes."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as stored: FP16 (the size accounting counts 16 bits), never 0."""
+    scale = scale.half().float()
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quantize_per_row(w: torch.Tensor, bits: int) -> Quantized:
+    """Symmetric per-output-channel round-to-nearest: one scale max|row| / (2^(bits-1) - 1) per row (codes
+    stored unsigned, offset by 2^(bits-1))."""
     qmax = 2 ** (bits - 1) - 1
     wf = w.float()
-    scale = wf.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / qmax
-    return (wf / scale).round().clamp(-qmax, qmax).mul(scale).to(w.dtype)
+    scale = fp16_scale(wf.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / qmax)
+    deq = (wf / scale).round().clamp(-qmax, qmax).mul(scale).to(w.dtype)
+    return Quantized(deq, scale, torch.full_like(scale, 2 ** (bits - 1)))
+
+
+def quantize_per_row_(w: torch.Tensor, bits: int) -> torch.Tensor:
+    return quantize_per_row(w, bits).weight
 
 
 def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -48,8 +70,7 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
     if symmetric:
         hi = torch.maximum(hi, -lo)
         lo = -hi
-    scale = (hi - lo) / maxq
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = fp16_scale((hi - lo) / maxq)
     zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-lo / scale)
     return scale, zero
 
@@ -67,15 +88,21 @@ def groups_of(cols: int, group_size: int) -> list[tuple[int, int]]:
 
 def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """Round-to-nearest k-bit quantization per group of input columns (dequantized, float32)."""
+    return rtn_quantize(w, bits, group_size, symmetric).weight
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Quantized:
     out = torch.empty_like(w, dtype=torch.float32)
+    params = []
     for s, e in groups_of(w.shape[1], group_size):
         scale, zero = group_params(w[:, s:e], bits, symmetric)
         out[:, s:e] = fake_quantize(w[:, s:e], scale, zero, bits)
-    return out
+        params.append((scale, zero))
+    return Quantized(out, torch.cat([p[0] for p in params], 1), torch.cat([p[1] for p in params], 1))
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
-         damp: float = 0.01, block: int = 128, keep_zeros: bool = False) -> torch.Tensor:
+         damp: float = 0.01, block: int = 128, keep_zeros: bool = False) -> Quantized:
     """GPTQ: quantize W [rows, cols] column by column, spreading each column's rounding error over the not yet
     quantized columns through the inverse Hessian (lazy block updates). Group scales are fixed on the
     original contiguous column groups before the loop ("static groups"), so act_order only changes the
@@ -114,7 +141,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)]
+    return Quantized(Q[:, torch.argsort(perm)], scales.squeeze(2).T.contiguous(), zeros.squeeze(2).T.contiguous())
 
 
 def awq_search_scale(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
@@ -152,13 +179,15 @@ def is_sparse(linear: nn.Linear) -> bool:
     return get_format(linear, "weight").sparsity != "dense"
 
 
-def write_quantized_(linear: nn.Linear, new_weight: torch.Tensor, bits: int, group_size: int,
-                     symmetric: bool) -> None:
-    """Store a dequantized weight and record its packed format (codes, FP16 scales, zero points)."""
+def write_quantized_(linear: nn.Linear, q: Quantized, bits: int, group_size: int | None, symmetric: bool) -> None:
+    """Store a dequantized weight, record its packed format (codes, FP16 scales, zero points) and keep its
+    scales and zero points (small: one pair per group) for an export."""
     from compactmind.footprint import set_format
 
-    linear.weight.copy_(new_weight.to(linear.weight.dtype))
+    linear.weight.copy_(q.weight.to(linear.weight.dtype))
     set_format(linear, "weight", bits=bits, scaled=True, group_size=group_size or None, zero_point=not symmetric)
+    linear.__dict__["_cm_qparams"] = {"weight": {"scale": q.scale.half(), "zero": q.zero.to(torch.uint8),
+                                                 "column_group": None}}
 
 
 @torch.no_grad()

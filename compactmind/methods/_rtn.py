@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compactmind.methods._quant import cast_rest_to_fp16_, check_quant, rtn, write_quantized_
+from compactmind.methods._quant import cast_rest_to_fp16_, check_quant, rtn_quantize, write_quantized_
 from compactmind.models import block_linears
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Categorical
@@ -41,6 +41,6 @@ class RTN(Method):
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
         for _, lin in block_linears(model):
-            write_quantized_(lin, rtn(lin.weight, params.bits, params.group_size, params.symmetric),
+            write_quantized_(lin, rtn_quantize(lin.weight, params.bits, params.group_size, params.symmetric),
                              params.bits, params.group_size, params.symmetric)
         cast_rest_to_fp16_(model)

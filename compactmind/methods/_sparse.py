@@ -53,9 +53,10 @@ def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float) -> torch.Tens
 
 
 def sparsegpt_(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, nm: tuple[int, int] | None = None,
-               block: int = 128, damp: float = 0.01) -> torch.Tensor:
+               block: int = 128, damp: float = 0.01, update: bool = True) -> torch.Tensor:
     """SparseGPT: prune W [rows, cols] to `sparsity` (adaptive mask per block of columns) or n:m, updating
-    the remaining weights with OBS corrections from the Hessian. Returns the pruned weight (float32)."""
+    the remaining weights with OBS corrections from the Hessian. Returns the pruned weight (float32).
+    update=False: choose the mask the same way but leave the kept weights as they are."""
     W = W.float().clone()
     rows, cols = W.shape
     Hinv = prepare_hessian(H, W, damp)
@@ -79,9 +80,12 @@ def sparsegpt_(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, nm: tupl
             q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
+            if not update:
+                continue
             err = (w - q) / d[i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if update:
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W

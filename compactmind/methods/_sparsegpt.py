@@ -6,7 +6,9 @@ processed left to right in blocks of 128. In each block the mask is chosen adapt
 the OBS saliency), and every pruned or kept column's error is spread over the remaining columns through the
 Cholesky factor of H^-1, so the surviving weights compensate for the removed ones. Dampening adds 1% of the
 mean diagonal to H. N:M picks the mask per group of M columns as it reaches them. Statistics come from the
-shared layer-by-layer calibration loop.
+shared layer-by-layer calibration loop. On a weight an earlier step quantized, the mask is chosen the same way
+but the kept weights are not updated: updates would move them off the quantization grid, so the model would no
+longer be the packed k-bit model the accounting (and an export) describes.
 
 Parameters: `sparsity` (fraction zeroed per layer); `pattern` for the N:M variant ("2:4", "4:8").
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from compactmind.calibration import Hessian, require, sequential_
+from compactmind.footprint import get_format
 from compactmind.methods._prune_common import NM_PATTERNS, check_nm, check_sparsity, write_pruned_
 from compactmind.methods._sparse import parse_nm, sparsegpt_
 from compactmind.registry import Kind, Method, register_method
@@ -34,7 +37,8 @@ def _prune(model, calib, name, sparsity, pattern):
         modules = dict(layer.named_modules())
         for lname, acc in stats.items():
             lin = modules[lname]
-            write_pruned_(lin, sparsegpt_(lin.weight, acc.H, sparsity, nm, damp=DAMP), pattern)
+            quantized = get_format(lin, "weight").scaled
+            write_pruned_(lin, sparsegpt_(lin.weight, acc.H, sparsity, nm, damp=DAMP, update=not quantized), pattern)
 
     sequential_(model, samples, lambda _n, lin: Hessian(lin), solve)
 

@@ -1,0 +1,100 @@
+"""Export: the packed folder unpacks to exactly the evaluated model, loads through transformers, and is small."""
+
+import json
+
+import pytest
+import torch
+
+from compactmind import export, packed
+from compactmind import pipeline as pl
+from compactmind.calibration import Calibration
+from compactmind.cli import main
+from compactmind.footprint import Reference, measure
+
+from conftest import tiny_model
+
+IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(3))
+PIPELINES = [
+    "rtn(bits=4, group_size=32)", "rtn(bits=3, group_size=0)", "rtn(bits=2, group_size=32, symmetric=true)",
+    "rtn(bits=8, group_size=32)", "gptq(bits=4, group_size=32)", "awq(bits=4, group_size=32)",
+    "int8_sq(alpha=0.5)", "fp16", "bf16", "magnitude(sparsity=0.5)", "wanda_nm(pattern=2:4)",
+    "l2_pruning(sparsity=0.5, scope=both)", "magnitude(sparsity=0.5) -> rtn(bits=4, group_size=32)",
+    "sparsegpt_nm(pattern=2:4) -> gptq(bits=4, group_size=32)", "int8_sq(alpha=0.5) -> l2_pruning(sparsity=0.5, "
+    "scope=both)", "rtn(bits=4, group_size=32) -> l2_pruning(sparsity=0.25, scope=mlp)",
+    "rtn(bits=4, group_size=32) -> sparsegpt(sparsity=0.5)", "random_pruning(sparsity=0.3) -> fp16",
+]
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("text", PIPELINES)
+def test_packed_folder_unpacks_to_the_evaluated_model(text, tmp_path):
+    model = tiny_model()
+    reference = Reference.of(model)
+    pl.apply_(model, pl.parse(text), Calibration(torch.randint(0, 320, (3, 40))), 0)
+    fp = measure(model, reference)
+    expected = logits(model)
+    export.write(model, None, tmp_path / "out", {"pipeline": text})
+    back = packed.load(tmp_path / "out")
+    assert torch.equal(logits(back), expected)  # bit for bit: codes, scales, masks and shapes round-trip
+    on_disk = export.folder_bytes(tmp_path / "out")
+    # The file holds what the accounting counts (plus the safetensors header and bitmap padding).
+    assert on_disk <= fp.model_bytes * 1.02 + 16_384, (on_disk, fp.model_bytes)
+    assert on_disk >= fp.model_bytes * 0.98
+
+
+def test_bit_packing_round_trips_every_width():
+    for bits in (1, 2, 3, 4, 5, 8):
+        codes = torch.randint(0, 2 ** bits, (1001,), dtype=torch.uint8)
+        stream = packed.pack_bits(codes, bits)
+        assert stream.numel() == -(-1001 * bits // 8)
+        assert torch.equal(packed.unpack_bits(stream, bits, 1001), codes)
+
+
+def test_cli_export_of_the_best_trial_loads_with_transformers_and_gives_its_perplexity(tiny_model_dir, text_file,
+                                                                                        tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                 "--max_eval_windows", "3", "--data_samples", "2", "--target_ratio", "0.7",
+                 "--methods", "magnitude,rtn", "--storage", storage, "--study_name", "exp",
+                 "--output_dir", str(tmp_path / "rep")]) == 0
+    best = json.loads((tmp_path / "rep" / "report.json").read_text())["best"]
+    capsys.readouterr()
+    assert main(["-q", "export", "--study_name", "exp", "--storage", storage, "--out", str(tmp_path / "m"),
+                 "--verify"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "m" / "compactmind.json").read_text())
+    assert manifest["pipeline"] == best["pipeline"] and manifest["trial"] == best["number"]
+    assert manifest["verified_perplexity"] == pytest.approx(best["perplexity"], rel=1e-5)
+    assert f"trial {best['number']}" in printed
+    dense = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()) * 4
+    assert export.folder_bytes(tmp_path / "m") < (1 - 0.7) * dense * 1.05  # really smaller, about as recorded
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert torch.equal(logits(model), logits(packed.load(tmp_path / "m")))
+    # the folder is a Hugging Face folder: the tokenizer loads from it too
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "m")("hello world")["input_ids"]
+
+
+def test_export_refuses_a_trial_that_does_not_exist_and_a_non_empty_folder(tiny_model_dir, text_file, tmp_path,
+                                                                          capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                 "--max_eval_windows", "2", "--data_samples", "1", "--target_ratio", "0.3", "--methods", "fp16",
+                 "--storage", storage, "--study_name", "e", "--output_dir", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export", "--study_name", "e", "--storage", storage, "--trial", "99",
+                 "--out", str(tmp_path / "m")]) == 1
+    assert "has no trial 99" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["-q", "export", "--study_name", "e", "--storage", storage, "--out", str(tmp_path / "full")]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
