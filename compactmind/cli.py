@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(best, "storage", default=DEFAULT_STORAGE)
     best.add_argument("--pareto", action="store_true", help="also print the Pareto front")
 
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on a study store (Pareto front, trials, notes)")
+    _flag(dash, "storage", default=DEFAULT_STORAGE)
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8080)
+    _flag(dash, "artifact_dir", help="artifact folder (default: 'artifacts' beside the SQLite file, else "
+                                     "storage/artifacts)")
+
     exp = sub.add_parser("export", help="re-apply a trial's pipeline to the original model and write it as a "
                                         "Hugging Face folder in the packed format")
     _flag(exp, "study_name", required=True)
@@ -219,15 +226,66 @@ def _open_or_create(args, cfg: RunConfig):
              sum(not c.is_hybrid for c in candidates), sum(c.is_hybrid for c in candidates), cfg.target_ratio)
     dense = search.dense_baseline(study, (loaded, data, cfg))
     log.info("dense perplexity %.4f (%d windows, %.1f s)", dense["perplexity"], dense["windows"], dense["seconds"])
+    if not resumed:
+        from compactmind import dashboard
+
+        dashboard.publish(study, search.collect(study, cfg.storage), cfg.storage)
     return study, loaded, data, candidates, dense
+
+
+class _Progress:
+    """On a terminal: a bar over trials and, below it, one over the windows of the running evaluation, with
+    each finished trial printed above them. Elsewhere (a log file, CI): plain log lines only."""
+
+    def __init__(self, total: int | None, done: int):
+        self.on = sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+        self.windows = None
+        if self.on:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self.trials = tqdm(total=total, initial=min(done, total or done), unit="trial", desc="trials",
+                               position=0, dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if self.on:
+            self.trials.write(text, file=sys.stderr)
+        else:
+            log.info(text)
+
+    def trial_done(self, text: str) -> None:
+        self.line(text)
+        if self.on:
+            self.trials.update(1)
+
+    def window(self, done: int, total: int) -> None:
+        if not self.on:
+            return
+        if self.windows is None:
+            self.windows = self._tqdm(total=total, unit="window", desc="evaluating", position=1, leave=False,
+                                      dynamic_ncols=True)
+        self.windows.update(done - self.windows.n)
+        if done >= total:
+            self.windows.close()
+            self.windows = None
+
+    def close(self) -> None:
+        if self.on:
+            if self.windows is not None:
+                self.windows.close()
+            self.trials.close()
 
 
 def _execute(study, loaded, data, candidates, dense, cfg: RunConfig) -> bool:
     """Run the study's trials in this process; returns True when interrupted by Ctrl-C."""
+    from optuna.trial import TrialState
+
     from compactmind import search
     from compactmind.models import Snapshot
 
     total = len(candidates)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+    progress = _Progress(total if cfg.strategy == "grid" else cfg.n_trials, finished if cfg.strategy == "grid" else 0)
 
     def on_trial(rec):
         ppl = rec.get("perplexity")
@@ -236,20 +294,23 @@ def _execute(study, loaded, data, candidates, dense, cfg: RunConfig) -> bool:
         figures += f", ratio {ratio:.4f}" if isinstance(ratio, float) else ""
         took = rec.get("compress_seconds", 0.0) + rec.get("eval_seconds", 0.0)
         of = f"/{total}" if cfg.strategy == "grid" else ""
-        log.info("[trial %d%s] %s: %s (%s, %.1f s)", rec["number"] + 1, of, rec["pipeline"], figures,
-                 rec.get("status"), took)
+        progress.trial_done(f"[trial {rec['number'] + 1}{of}] {rec['pipeline']}: {figures} ({rec.get('status')}, "
+                            f"{took:.1f} s)")
 
-    ctx = search.make_context(loaded, data, cfg, candidates, dense["perplexity"], Snapshot(loaded.model), on_trial)
+    ctx = search.make_context(loaded, data, cfg, candidates, dense["perplexity"], Snapshot(loaded.model), on_trial,
+                              progress.window)
     try:
         search.run(study, ctx, search.make_sampler(cfg.strategy, candidates, cfg.seed))
     except KeyboardInterrupt:
+        progress.close()
         log.error("interrupted: the current trial will be re-run when the study resumes")
         return True
+    progress.close()
     return False
 
 
 def cmd_run(args) -> int:
-    from compactmind import report, search
+    from compactmind import dashboard, report, search
 
     cfg = _config(args)
     out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
@@ -257,7 +318,8 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     interrupted = _execute(study, loaded, data, candidates, dense, cfg)
     records = search.collect(study, cfg.storage)
-    report.write(records, out_dir)
+    paths = report.write(records, out_dir)
+    dashboard.publish(study, records, cfg.storage, paths)
     _summary(records, out_dir, time.perf_counter() - started)
     return 130 if interrupted else 0
 
@@ -363,13 +425,21 @@ def _open_study(args):
 
 
 def cmd_report(args) -> int:
-    from compactmind import report, search
+    from compactmind import dashboard, report, search
 
     study = _open_study(args)
     out_dir = _writable_dir(args.output_dir or f"results/report_{args.study_name}_{datetime.now():%Y%m%d_%H%M%S}")
     records = search.collect(study, args.storage)
-    report.write(records, out_dir)
+    dashboard.publish(study, records, args.storage, report.write(records, out_dir))
     _summary(records, out_dir)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from compactmind import dashboard, search
+
+    storage = search.open_storage(args.storage, create=False)
+    dashboard.serve(storage, args.storage, args.host, args.port, args.artifact_dir)
     return 0
 
 
@@ -463,7 +533,8 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "create": cmd_create, "worker": cmd_worker, "eval": cmd_eval, "methods": cmd_methods,
-            "report": cmd_report, "best": cmd_best, "export": cmd_export}
+            "report": cmd_report, "best": cmd_best, "export": cmd_export,
+            "dashboard": cmd_dashboard}
 
 
 def _apply_study_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -16,6 +16,7 @@ import datetime
 import math
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -48,6 +49,7 @@ STUDY_ATTR = "compactmind"
 HEARTBEAT_S = 5
 GRACE_S = 20
 OBJECTIVES = ["perplexity", "compression_ratio"]
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded with every trial: which process ran it
 
 
 # ---- storage ---------------------------------------------------------------------------------------------
@@ -303,6 +305,7 @@ class Context:
     dense_perplexity: float
     spaces: dict[str, dict]  # effective search space per method
     on_trial: Callable[[dict], None] | None = None
+    on_window: Callable[[int, int], None] | None = None  # (windows done, windows) during an evaluation
 
     @property
     def shapes(self) -> list[str]:
@@ -355,7 +358,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
     twin = _finished_twin(trial.study, str(candidate), trial.number)
     if twin is not None:
         return _replay(trial, twin)
-    attrs: dict[str, Any] = {"pipeline": str(candidate), "steps": candidate.to_json(),
+    attrs: dict[str, Any] = {"pipeline": str(candidate), "steps": candidate.to_json(), "worker": WORKER,
                              "hybrid": candidate.is_hybrid, "dtype": str(ctx.loaded.dtype).replace("torch.", ""),
                              "seq_len": ctx.data.seq_len}
 
@@ -396,7 +399,8 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
                                 f"{cfg.dominance_margin}x that of trial {n} ({p:.4g}) at ratio {r:.4f}")
             return None
 
-        result = perplexity(model, ctx.data.windows, cfg.batch_size, stop=stop if cfg.early_stop else None)
+        result = perplexity(model, ctx.data.windows, cfg.batch_size, stop=stop if cfg.early_stop else None,
+                            progress=ctx.on_window)
         record(perplexity=result.perplexity, eval_seconds=result.seconds, windows=result.windows,
                eval_tokens=result.tokens)
         if not math.isfinite(result.perplexity):
@@ -567,9 +571,10 @@ def _fail_orphans(study: optuna.Study) -> None:
 
 
 def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates, dense_ppl: float,
-                 snapshot: Snapshot, on_trial=None) -> Context:
+                 snapshot: Snapshot, on_trial=None, on_window=None) -> Context:
     return Context(loaded, data, cfg, candidates, snapshot, Reference.of(loaded.model, cfg.baseline_bits),
-                   Calibration(data.calib), dense_ppl, pl.search_spaces(cfg.methods, cfg.grids), on_trial)
+                   Calibration(data.calib), dense_ppl, pl.search_spaces(cfg.methods, cfg.grids), on_trial,
+                   on_window)
 
 
 # ---- reading a study back --------------------------------------------------------------------------------

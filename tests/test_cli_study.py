@@ -174,3 +174,50 @@ def test_the_original_grid_study_is_the_original_tools_grid():
     assert len(singles) == 18
     assert len(candidates) - len(singles) == 2 * (5 + 9) * (1 + 3)
     assert args.gpu and args.seq_len == 2048 and args.target_ratio == 0.8
+
+
+def _run_cli(args, tty: bool) -> str:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "compactmind", *args]
+    if not tty:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_plain_log_lines_otherwise(tiny_model_dir, text_file, tmp_path):
+    def args(name):
+        return ["run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                "--max_eval_windows", "6", "--data_samples", "1", "--target_ratio", "0.0", "--methods", "fp16,bf16",
+                "--no_hybrids", "--storage", f"sqlite:///{tmp_path}/{name}.db", "--output_dir", str(tmp_path / name)]
+
+    terminal = _run_cli(args("tty"), tty=True)
+    assert "trials:" in terminal and "2/2" in terminal and "\r" in terminal  # a redrawn bar
+    assert "[trial 1/2] fp16" in terminal
+    plain = _run_cli(args("plain"), tty=False)
+    assert "[trial 1/2] fp16" in plain and "[trial 2/2] bf16" in plain
+    assert "trials:" not in plain and "\r" not in plain

@@ -58,9 +58,11 @@ def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False):
         deadline = time.time() + 120
         while time.time() < deadline and killed is None:
             study = optuna.load_study(study_name=name, storage=storage)
-            running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+            mine = f"{socket.gethostname()}:{procs[0].pid}"
+            running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
+                       and t.user_attrs.get("worker") == mine]
             done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-            if running and len(done) >= 5:
+            if running and len(done) >= 5:  # the first worker is inside a trial: kill it there
                 procs[0].send_signal(signal.SIGKILL)
                 killed = procs[0]
             time.sleep(0.05)
@@ -76,10 +78,10 @@ def test_three_workers_on_sqlite_with_one_killed(tiny_model_dir, text_file, tmp_
     storage = f"sqlite:///{tmp_path}/shared.db"
     trials = run_three_workers(tiny_model_dir, text_file, storage, "w3", kill_one=True)
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert len(failed) == 1
-    if failed[0].params:  # killed mid-trial: failed by the heartbeat, retried by another worker
-        retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
-        assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    assert len(failed) == 1  # the killed worker's trial: failed by the heartbeat, retried by another worker
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    assert retries[0].user_attrs["worker"] != failed[0].user_attrs["worker"]
 
 
 def _pg_bin(name):
@@ -129,6 +131,28 @@ def postgres(tmp_path_factory):
 
 def test_three_workers_on_postgresql(tiny_model_dir, text_file, postgres):
     run_three_workers(tiny_model_dir, text_file, postgres, "pg3")
+
+
+def test_a_storage_password_never_shows_in_logs_reports_or_the_dashboard_note(tiny_model_dir, text_file, postgres,
+                                                                               tmp_path, capsys, monkeypatch):
+    import optuna_dashboard
+
+    secret = "Sekr1t-pw"
+    url = postgres.replace("postgres@", f"postgres:{secret}@")  # trust auth: the password is accepted, unused
+    monkeypatch.chdir(tmp_path)  # artifacts of a server storage go to ./storage/artifacts
+    args = ["-v", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+            "--max_eval_windows", "2", "--data_samples", "1", "--target_ratio", "0.3", "--methods", "fp16",
+            "--storage", url, "--study_name", "masked", "--output_dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert main(["-v", "best", "--study_name", "masked", "--storage", url]) == 0
+    printed = capsys.readouterr()
+    assert "masked" in printed.out and "***" in printed.err  # the URL is logged, masked
+    assert secret not in printed.out + printed.err
+    for f in (tmp_path / "out").iterdir():
+        assert secret.encode() not in f.read_bytes(), f.name
+    study = optuna.load_study(study_name="masked", storage=url)
+    assert "***" in optuna_dashboard.get_note(study) and secret not in optuna_dashboard.get_note(study)
+    assert secret not in json.dumps(study.user_attrs)
 
 
 def test_worker_refuses_a_missing_study(tmp_path, capsys):

@@ -1,0 +1,94 @@
+"""optuna-dashboard on a study store: the study's note, its report plots as artifacts, and the server.
+
+Trials carry their figures as user attributes (pipeline, steps, ratio, bits per weight, sparsity, bytes,
+perplexity, timings, status and reason) and their per-step parameters as Optuna parameters, so the dashboard's
+trial table shows them as they are; this module adds what belongs to the study.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import optuna
+
+from compactmind.errors import ConfigError
+from compactmind.search import safe_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARTIFACTS = "storage/artifacts"
+
+
+def artifact_dir(storage_url: str, override: str | None = None) -> Path:
+    """Where a study's artifacts live: beside its SQLite file, or storage/artifacts for server databases."""
+    if override:
+        return Path(override)
+    if storage_url.startswith("sqlite:///"):
+        return Path(storage_url[len("sqlite:///"):]).parent / "artifacts"
+    return Path(DEFAULT_ARTIFACTS)
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def note(records: dict, storage_url: str) -> str:
+    """The study's note (Markdown): what was compressed, on what, how it is measured, and where it stands."""
+    model, data, protocol = records.get("model") or {}, records.get("data") or {}, records.get("protocol") or {}
+    dense, best = records.get("dense") or {}, records.get("best")
+    counts = records.get("counts", {})
+    lines = [f"## compactmind study `{records['study']}`", "",
+             f"- **model**: {model.get('name', '-')} ({model.get('parameters', 0):,} parameters) from "
+             f"`{model.get('source', '-')}`",
+             f"- **data**: {data.get('label', '-')}; calibration: {data.get('calib_source', '-')}",
+             f"- **protocol**: {protocol.get('windows', '-')} windows of {protocol.get('seq_len', '-')} tokens, "
+             f"{protocol.get('dtype', '-')}, {protocol.get('data_samples', '-')} calibration samples, seed "
+             f"{protocol.get('seed', '-')}; ratio against {protocol.get('baseline_bits', 32):g}-bit weights",
+             f"- **target**: compression ratio >= {records.get('target_ratio')} (trials below it are infeasible)",
+             f"- **dense baseline**: perplexity {_fmt(dense.get('perplexity'))}",
+             f"- **storage**: `{safe_url(storage_url)}`",
+             f"- **trials**: {sum(counts.values())} ({counts.get('COMPLETE', 0)} evaluated, "
+             f"{counts.get('PRUNED', 0)} pruned/infeasible, {counts.get('FAIL', 0)} failed)"]
+    if best:
+        lines.append(f"- **best feasible**: trial {best['number']}, `{best['pipeline']}`: perplexity "
+                     f"{_fmt(best['perplexity'])}, ratio {_fmt(best['compression_ratio'])}")
+    lines += ["", "Objectives: perplexity (minimize), compression_ratio (maximize). The report plots are attached "
+                  "as artifacts."]
+    return "\n".join(lines)
+
+
+def publish(study: optuna.Study, records: dict, storage_url: str, report_paths: list[Path] | None = None,
+            artifacts: str | None = None) -> None:
+    """Write the study note and attach the report plots; best effort (the dashboard is optional)."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        return
+    optuna_dashboard.save_note(study, note(records, storage_url))
+    plots = [p for p in report_paths or [] if p.suffix in (".png", ".html")]
+    if plots:
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        folder = artifact_dir(storage_url, artifacts)
+        folder.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(folder))
+        for path in plots:
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
+                            mimetype="text/html" if path.suffix == ".html" else "image/png")
+
+
+def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None = None) -> None:
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError("optuna-dashboard is not installed; pip install 'compactmind[dashboard]'.") from None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    folder = artifact_dir(storage_url, artifacts)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"optuna-dashboard on {safe_url(storage_url)}: http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
+    except OSError as exc:
+        raise ConfigError(f"Cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port.") from None
