@@ -297,7 +297,7 @@ def _execute(study, loaded, data, candidates, dense, cfg: RunConfig) -> bool:
         progress.trial_done(f"[trial {rec['number'] + 1}{of}] {rec['pipeline']}: {figures} ({rec.get('status')}, "
                             f"{took:.1f} s)")
 
-    ctx = search.make_context(loaded, data, cfg, candidates, dense["perplexity"], Snapshot(loaded.model), on_trial,
+    ctx = search.make_context(loaded, data, cfg, candidates, dense, Snapshot(loaded.model), on_trial,
                               progress.window)
     try:
         search.run(study, ctx, search.make_sampler(cfg.strategy, candidates, cfg.seed))

@@ -29,6 +29,13 @@ class Perplexity:
     tokens: int  # tokens in the evaluated windows
     seconds: float
     stopped: str | None = None  # why evaluation stopped early, if it did
+    window_nll: tuple[float, ...] = ()  # summed NLL of each evaluated window, in order
+
+    @staticmethod
+    def running(window_nll, done: int, seq_len: int) -> float:
+        """Perplexity over the first `done` windows of a recorded `window_nll`."""
+        nll = sum(window_nll[:done]) / (done * (seq_len - 1))
+        return math.exp(min(nll, 700.0))
 
 
 def _split_model(model: nn.Module):
@@ -67,11 +74,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
     """Evaluate `windows` [N, L] in order. `stop(running_ppl, windows_done)` may return a reason to stop early."""
     device = next(model.parameters()).device
     start = time.perf_counter()
-    nll_sum, done, reason = 0.0, 0, None
+    nll_sum, done, reason, nlls = 0.0, 0, None, []
     per_window = windows.shape[1] - 1
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i:i + batch_size].to(device)
-        nll_sum += float(window_nll(model, batch).sum())
+        sums = window_nll(model, batch).tolist()
+        nlls += sums
+        nll_sum += sum(sums)
         done += batch.shape[0]
         if progress:
             progress(done, windows.shape[0])
@@ -84,4 +93,4 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
                 break
     nll = nll_sum / (done * per_window)
     ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else (math.inf if nll == nll else math.nan)
-    return Perplexity(ppl, nll, done, done * windows.shape[1], time.perf_counter() - start, reason)
+    return Perplexity(ppl, nll, done, done * windows.shape[1], time.perf_counter() - start, reason, tuple(nlls))

@@ -45,12 +45,15 @@ def _jsonable(value):
     return value
 
 
+_NOT_IN_CSV = {"window_nll"}  # per-window figures: in report.json, too long for a table cell
+
+
 def history_csv(records: dict) -> str:
     trials = records["trials"]
     columns = list(_FIRST_COLUMNS)
     for t in trials:
         for k in t:
-            if k not in columns:
+            if k not in columns and k not in _NOT_IN_CSV:
                 columns.append(k)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")

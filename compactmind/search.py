@@ -35,7 +35,7 @@ from compactmind.calibration import Calibration
 from compactmind.config import RunConfig
 from compactmind.data import Dataset
 from compactmind.errors import CompactMindError, StorageError
-from compactmind.evaluate import perplexity
+from compactmind.evaluate import Perplexity, perplexity
 from compactmind.footprint import Reference, measure
 from compactmind.models import LoadedModel, Snapshot
 from compactmind.registry import get_method
@@ -306,20 +306,29 @@ class Context:
     spaces: dict[str, dict]  # effective search space per method
     on_trial: Callable[[dict], None] | None = None
     on_window: Callable[[int, int], None] | None = None  # (windows done, windows) during an evaluation
+    dense_window_nll: list[float] | None = None  # the dense model's per-window NLL, for like-for-like stops
 
     @property
     def shapes(self) -> list[str]:
         return list(dict.fromkeys(c.shape for c in self.candidates))
 
 
-def _set_constraint(trial: optuna.Trial, value: float) -> None:
-    if "constraints:target_ratio" in trial.storage.get_trial_system_attrs(trial._trial_id):
+CONSTRAINTS = ("target_ratio", "perplexity_cap")  # ratio >= target; perplexity <= cap factor x dense
+
+
+def _set_constraint(trial: optuna.Trial, key: str, value: float) -> None:
+    value = min(value, 1e30)  # a diverged model's infinite perplexity: violated, but a number
+    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    if f"constraints:{key}" in attrs:
         # A retry of a killed trial inherits its system attributes, and Optuna keeps the first constraint value.
-        trial.storage.set_trial_system_attr(trial._trial_id, "constraints:target_ratio", value)
+        trial.storage.set_trial_system_attr(trial._trial_id, f"constraints:{key}", value)
     else:
-        trial.set_constraint("target_ratio", value)
+        trial.set_constraint(key, value)
     # optuna-dashboard 0.21 reads only the older list attribute; write it too so infeasible trials show so.
-    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
+    values = list(attrs.get("constraints") or [])
+    values += [0.0] * (len(CONSTRAINTS) - len(values))
+    values[CONSTRAINTS.index(key)] = value
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", values)
 
 
 def _replay(trial: optuna.Trial, earlier: FrozenTrial) -> tuple[float, float]:
@@ -327,8 +336,9 @@ def _replay(trial: optuna.Trial, earlier: FrozenTrial) -> tuple[float, float]:
     for k, v in earlier.user_attrs.items():
         trial.set_user_attr(k, v)
     trial.set_user_attr("duplicate_of", earlier.number)
-    if "target_ratio" in earlier.constraints:
-        _set_constraint(trial, earlier.constraints["target_ratio"])
+    for key in CONSTRAINTS:
+        if key in earlier.constraints:
+            _set_constraint(trial, key, earlier.constraints[key])
     if earlier.state == TrialState.COMPLETE:
         return tuple(earlier.values)
     raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
@@ -342,9 +352,11 @@ def _finished_twin(study: optuna.Study, label: str, number: int) -> FrozenTrial 
     return None
 
 
-def _front(study: optuna.Study) -> list[tuple[float, float, int]]:
-    """(perplexity, ratio, number) of finished feasible trials: what a running candidate is compared with."""
-    return [(t.values[0], t.values[1], t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def _front(study: optuna.Study) -> list[tuple[float, float, int, list | None]]:
+    """(perplexity, ratio, number, per-window NLLs) of finished feasible trials: what a running candidate is
+    compared with."""
+    return [(t.values[0], t.values[1], t.number, t.user_attrs.get("window_nll"))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if all(v <= 0 for v in t.constraints.values())]
 
 
@@ -368,6 +380,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
             trial.set_user_attr(k, v)
 
     record(**attrs)
+    _reset_peak_memory(ctx.loaded.device)
     try:
         ctx.snapshot.restore()
         try:
@@ -379,30 +392,43 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
         fp = measure(model, ctx.reference)
         record(compression_ratio=fp.compression_ratio, bits_per_weight=fp.bits_per_weight, sparsity=fp.sparsity,
                model_bytes=fp.model_bytes, compress_seconds=seconds)
-        _set_constraint(trial, cfg.target_ratio - fp.compression_ratio)
+        _set_constraint(trial, "target_ratio", cfg.target_ratio - fp.compression_ratio)
+        _set_constraint(trial, "perplexity_cap", 0.0)  # not measured yet
         if fp.compression_ratio < cfg.target_ratio:
             record(status="infeasible", reason=f"compression ratio {fp.compression_ratio:.4f} is below the "
                                                f"target {cfg.target_ratio}", windows=0, eval_tokens=0)
             _finish(ctx, trial.number, attrs)
             raise optuna.TrialPruned("infeasible")
         cap = cfg.ppl_cap_factor * ctx.dense_perplexity
-        rivals = [(p, r, n) for p, r, n in _front(trial.study) if r >= fp.compression_ratio]
+        rivals = [f for f in _front(trial.study) if f[1] >= fp.compression_ratio]
         min_windows = max(1, ctx.data.windows.shape[0] // 4)
+        seq_len = ctx.data.windows.shape[1]
+
+        def on_same_windows(full: float, window_nll, done: int) -> float:
+            """A reference's perplexity over the windows the candidate has done (its full figure if unrecorded)."""
+            return Perplexity.running(window_nll, done, seq_len) if window_nll else full
 
         def stop(running: float, done: int) -> str | None:
-            if running > cap:
-                return f"running perplexity {running:.4g} after {done} windows exceeds the cap {cap:.4g}"
+            dense_here = on_same_windows(ctx.dense_perplexity, ctx.dense_window_nll, done)
+            if running > cfg.ppl_cap_factor * dense_here:
+                return (f"running perplexity {running:.4g} after {done} windows exceeds {cfg.ppl_cap_factor}x the "
+                        f"dense model's on the same windows ({dense_here:.4g})")
             if done >= min_windows:
-                for p, r, n in rivals:
-                    if running > cfg.dominance_margin * p:
+                for p, r, n, nlls in rivals:
+                    theirs = on_same_windows(p, nlls, done)
+                    if running > cfg.dominance_margin * theirs:
                         return (f"running perplexity {running:.4g} after {done} windows is over "
-                                f"{cfg.dominance_margin}x that of trial {n} ({p:.4g}) at ratio {r:.4f}")
+                                f"{cfg.dominance_margin}x that of trial {n} ({theirs:.4g} on the same windows) at "
+                                f"ratio {r:.4f}")
             return None
 
         result = perplexity(model, ctx.data.windows, cfg.batch_size, stop=stop if cfg.early_stop else None,
                             progress=ctx.on_window)
         record(perplexity=result.perplexity, eval_seconds=result.seconds, windows=result.windows,
-               eval_tokens=result.tokens)
+               eval_tokens=result.tokens, **_peak_memory(ctx.loaded.device))
+        trial.set_user_attr("window_nll", [round(x, 4) for x in result.window_nll])  # for later comparisons
+        _set_constraint(trial, "perplexity_cap", result.perplexity - cap if not math.isnan(result.perplexity)
+                        else math.inf)
         if not math.isfinite(result.perplexity):
             record(status="nonfinite", reason=f"perplexity is {result.perplexity} (the compressed model diverges)")
             _finish(ctx, trial.number, attrs)
@@ -411,7 +437,11 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
             record(status="early_stopped", reason=result.stopped)
             _finish(ctx, trial.number, attrs)
             raise optuna.TrialPruned(result.stopped)
-        record(status="ok")
+        if result.perplexity > cap:  # evaluated in full (no early stop) and over the cap: measured, infeasible
+            record(status="over_cap", reason=f"perplexity {result.perplexity:.4g} exceeds the cap {cap:.4g} "
+                                             f"({cfg.ppl_cap_factor}x dense)")
+        else:
+            record(status="ok")
         _finish(ctx, trial.number, attrs)
         return result.perplexity, fp.compression_ratio
     except (optuna.TrialPruned, KeyboardInterrupt):
@@ -422,6 +452,29 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
         record(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
         _finish(ctx, trial.number, attrs)
         raise
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: "5" resets this process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak memory since the last reset: on the GPU (allocated by torch) and in host RAM (resident set)."""
+    out = {}
+    if device.type == "cuda":
+        out["peak_device_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_host_memory_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _finish(ctx: Context, number: int, attrs: dict) -> None:
@@ -497,7 +550,8 @@ def dense_baseline(study: optuna.Study, ctx_parts: tuple[LoadedModel, Dataset, R
     result = perplexity(loaded.model, data.windows, cfg.batch_size)
     meta["dense"] = {"perplexity": result.perplexity, "windows": result.windows, "tokens": result.tokens,
                      "seconds": result.seconds, "compression_ratio": 0.0,
-                     "dtype": str(loaded.dtype).replace("torch.", "")}
+                     "dtype": str(loaded.dtype).replace("torch.", ""),
+                     "window_nll": [round(x, 4) for x in result.window_nll]}
     study.set_user_attr(STUDY_ATTR, meta)
     return meta["dense"]
 
@@ -570,11 +624,11 @@ def _fail_orphans(study: optuna.Study) -> None:
                 pass  # finished meanwhile (another worker failed it, or it was alive after all)
 
 
-def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates, dense_ppl: float,
+def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates, dense: dict,
                  snapshot: Snapshot, on_trial=None, on_window=None) -> Context:
     return Context(loaded, data, cfg, candidates, snapshot, Reference.of(loaded.model, cfg.baseline_bits),
-                   Calibration(data.calib), dense_ppl, pl.search_spaces(cfg.methods, cfg.grids), on_trial,
-                   on_window)
+                   Calibration(data.calib), dense["perplexity"], pl.search_spaces(cfg.methods, cfg.grids), on_trial,
+                   on_window, dense.get("window_nll"))
 
 
 # ---- reading a study back --------------------------------------------------------------------------------
@@ -605,7 +659,8 @@ def collect(study: optuna.Study, storage_url: str) -> dict:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     pareto = sorted((trial_record(t) for t in study.best_trials), key=lambda r: r["compression_ratio"]) \
         if complete else []
-    feasible = [r for r in trials if r["state"] == "COMPLETE" and r["compression_ratio"] >= target]
+    feasible = [r for r in trials if r["state"] == "COMPLETE" and r["feasible"] is not False
+                and r["compression_ratio"] >= target]
     best = min(feasible, key=lambda r: r["perplexity"]) if feasible else None
     return {"study": study.study_name, "storage": safe_url(storage_url), "model": identity.get("model"),
             "data": identity.get("data"), "protocol": identity.get("protocol"), "target_ratio": target,

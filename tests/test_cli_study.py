@@ -1,6 +1,7 @@
 """A whole study through the CLI as a user calls it, on a tiny real model and real SQLite files."""
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def test_study_runs_every_candidate_once_and_writes_reports(finished, capsys):
                         "compress_seconds", "eval_seconds", "windows", "eval_tokens", "dtype", "perplexity"):
                 assert key in t, key
             assert t["windows"] == 3 and t["eval_tokens"] == 3 * 64 and t["dtype"] == "float32"
+            assert len(t["window_nll"]) == 3 and t["worker"].endswith(tuple("0123456789"))
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            assert 10 * 2**20 < t["peak_host_memory_bytes"] < total  # this trial's peak resident set
     feasible = [t for t in report["trials"] if t["state"] == "COMPLETE" and t["compression_ratio"] >= 0.3]
     assert report["best"]["number"] == min(feasible, key=lambda t: t["perplexity"])["number"]
     assert report["dense"]["perplexity"] > 0 and report["protocol"]["seq_len"] == 64
@@ -221,3 +225,25 @@ def test_progress_bars_on_a_terminal_plain_log_lines_otherwise(tiny_model_dir, t
     plain = _run_cli(args("plain"), tty=False)
     assert "[trial 1/2] fp16" in plain and "[trial 2/2] bf16" in plain
     assert "trials:" not in plain and "\r" not in plain
+
+
+def test_the_perplexity_cap_is_a_constraint_with_or_without_early_stopping(tiny_model_dir, text_file, tmp_path):
+    """Over the cap, a fully evaluated candidate is measured but infeasible: never best, never on the front."""
+    fronts = {}
+    for name, extra in (("with", []), ("without", ["--no_early_stop"])):
+        rc = main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                   "--max_eval_windows", "8", "--data_samples", "1", "--target_ratio", "0.0", "--ppl_cap_factor",
+                   "1.002", "--methods", "random_pruning,fp16", "--no_hybrids", "--storage",
+                   f"sqlite:///{tmp_path}/{name}.db", "--output_dir", str(tmp_path / name), *extra])
+        assert rc == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        cap = 1.002 * report["dense"]["perplexity"]
+        over = [t for t in report["trials"] if t["status"] in ("over_cap", "early_stopped")]
+        assert over, "the tight cap stops some candidate"
+        if name == "without":
+            assert all(t["status"] == "over_cap" and t["state"] == "COMPLETE" and t["feasible"] is False
+                       and t["perplexity"] > cap for t in over)
+        assert all(t["perplexity"] <= cap for t in report["pareto_front"])
+        assert report["best"] is None or report["best"]["perplexity"] <= cap
+        fronts[name] = [t["pipeline"] for t in report["pareto_front"]]
+    assert fronts["with"] == fronts["without"]

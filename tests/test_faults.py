@@ -77,9 +77,20 @@ def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_fi
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = tmp_path / "s.db"
     deadline = time.time() + 120
-    while time.time() < deadline and not (db.exists() and db.stat().st_size > 100_000):
-        time.sleep(0.1)
-    time.sleep(1.0)
+    def finished_trials() -> int:
+        import sqlite3
+
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                return con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:  # not created yet
+            return 0
+
+    while time.time() < deadline and finished_trials() < 3:  # the study is running its trials
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-2000:]
