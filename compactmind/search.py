@@ -39,7 +39,7 @@ from compactmind.evaluate import Perplexity, perplexity
 from compactmind.footprint import Reference, measure
 from compactmind.models import LoadedModel, Snapshot
 from compactmind.registry import get_method
-from compactmind.space import Categorical, Float, Int
+from compactmind.space import Categorical, Int
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,8 @@
 """Bad input through the CLI, table-driven: one clear sentence on stderr, a non-zero exit, no traceback, no
 report written and no storage created or changed."""
 
-import os
 import shutil
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch

@@ -11,30 +11,16 @@ Parameters: `sparsity` (fraction of weights zeroed per layer); `pattern` for the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from compactmind.methods._prune_common import NM_PATTERNS, check_nm, check_sparsity, write_pruned_
+from compactmind.methods._prune_common import NMPruning, UnstructuredPruning, write_pruned_
 from compactmind.methods._sparse import lowest_mask, nm_mask, parse_nm
 from compactmind.models import block_linears
-from compactmind.registry import Kind, Method, register_method
-from compactmind.space import Categorical, Float
+from compactmind.registry import register_method
 
 
 @register_method("magnitude")
-class Magnitude(Method):
-    kind = Kind.PRUNING
-
-    @dataclass(frozen=True)
-    class Params:
-        sparsity: float = 0.5
-
-        def __post_init__(self):
-            check_sparsity(self.sparsity)
-
-    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
-    identity = Params(sparsity=0.0)
+class Magnitude(UnstructuredPruning):
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
@@ -46,17 +32,7 @@ class Magnitude(Method):
 
 
 @register_method("magnitude_nm")
-class MagnitudeNM(Method):
-    kind = Kind.PRUNING
-
-    @dataclass(frozen=True)
-    class Params:
-        pattern: str = "2:4"
-
-    space = {"pattern": Categorical(NM_PATTERNS)}
-
-    def check(self, model, params):
-        check_nm(model, params.pattern)
+class MagnitudeNM(NMPruning):
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

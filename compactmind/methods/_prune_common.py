@@ -1,7 +1,9 @@
-"""Glue shared by the calibration-based and magnitude pruning methods: walking the block linears and
-recording the sparse format. The math lives in _sparse.py."""
+"""Glue shared by the pruning methods: their two parameter sets (a sparsity, or an N:M pattern), walking the
+block linears and recording the sparse format. The math lives in _sparse.py."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,6 +12,8 @@ from compactmind.errors import IncompatiblePipelineError
 from compactmind.footprint import set_format
 from compactmind.methods._sparse import parse_nm
 from compactmind.models import block_linears
+from compactmind.registry import Kind, Method
+from compactmind.space import Categorical, Float
 
 NM_PATTERNS = ["2:4", "4:8"]
 
@@ -35,3 +39,34 @@ def write_pruned_(linear: nn.Linear, new_weight: torch.Tensor, pattern: str | No
     else:
         n, m = parse_nm(pattern)
         set_format(linear, "weight", sparsity="n:m", n=n, m=m)
+
+
+class UnstructuredPruning(Method):
+    """Base of the unstructured pruning methods: `sparsity`, the fraction of each layer's weights zeroed."""
+
+    kind = Kind.PRUNING
+
+    @dataclass(frozen=True)
+    class Params:
+        sparsity: float = 0.5
+
+        def __post_init__(self):
+            check_sparsity(self.sparsity)
+
+    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
+    identity = Params(sparsity=0.0)
+
+
+class NMPruning(Method):
+    """Base of the N:M pruning methods: `pattern`, N weights kept in every group of M consecutive inputs."""
+
+    kind = Kind.PRUNING
+
+    @dataclass(frozen=True)
+    class Params:
+        pattern: str = "2:4"
+
+    space = {"pattern": Categorical(NM_PATTERNS)}
+
+    def check(self, model, params):
+        check_nm(model, params.pattern)

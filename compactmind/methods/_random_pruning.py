@@ -8,15 +8,12 @@ Parameters: `sparsity`, the fraction of weights set to zero in each layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from compactmind.footprint import set_format
-from compactmind.methods._prune_common import check_sparsity
+from compactmind.methods._prune_common import UnstructuredPruning
 from compactmind.models import block_linears
-from compactmind.registry import Kind, Method, register_method
-from compactmind.space import Float
+from compactmind.registry import register_method
 
 
 def random_mask(shape: torch.Size, sparsity: float, generator: torch.Generator) -> torch.Tensor:
@@ -30,18 +27,7 @@ def random_mask(shape: torch.Size, sparsity: float, generator: torch.Generator) 
 
 
 @register_method("random_pruning")
-class RandomPruning(Method):
-    kind = Kind.PRUNING
-
-    @dataclass(frozen=True)
-    class Params:
-        sparsity: float = 0.0
-
-        def __post_init__(self):
-            check_sparsity(self.sparsity)
-
-    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
-    identity = Params(sparsity=0.0)
+class RandomPruning(UnstructuredPruning):
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

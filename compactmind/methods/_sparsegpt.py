@@ -15,16 +15,13 @@ Parameters: `sparsity` (fraction zeroed per layer); `pattern` for the N:M varian
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from compactmind.calibration import Hessian, require, sequential_
 from compactmind.footprint import get_format
-from compactmind.methods._prune_common import NM_PATTERNS, check_nm, check_sparsity, write_pruned_
+from compactmind.methods._prune_common import NMPruning, UnstructuredPruning, write_pruned_
 from compactmind.methods._sparse import parse_nm, sparsegpt_
-from compactmind.registry import Kind, Method, register_method
-from compactmind.space import Categorical, Float
+from compactmind.registry import register_method
 
 DAMP = 0.01
 
@@ -44,19 +41,8 @@ def _prune(model, calib, name, sparsity, pattern):
 
 
 @register_method("sparsegpt")
-class SparseGPT(Method):
-    kind = Kind.PRUNING
+class SparseGPT(UnstructuredPruning):
     needs_calibration = True
-
-    @dataclass(frozen=True)
-    class Params:
-        sparsity: float = 0.5
-
-        def __post_init__(self):
-            check_sparsity(self.sparsity)
-
-    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
-    identity = Params(sparsity=0.0)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
@@ -64,18 +50,8 @@ class SparseGPT(Method):
 
 
 @register_method("sparsegpt_nm")
-class SparseGPTNM(Method):
-    kind = Kind.PRUNING
+class SparseGPTNM(NMPruning):
     needs_calibration = True
-
-    @dataclass(frozen=True)
-    class Params:
-        pattern: str = "2:4"
-
-    space = {"pattern": Categorical(NM_PATTERNS)}
-
-    def check(self, model, params):
-        check_nm(model, params.pattern)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

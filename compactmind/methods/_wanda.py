@@ -12,15 +12,12 @@ Parameters: `sparsity` (fraction zeroed per output row); `pattern` for the N:M v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from compactmind.calibration import InputNorms, require, sequential_
-from compactmind.methods._prune_common import NM_PATTERNS, check_nm, check_sparsity, write_pruned_
+from compactmind.methods._prune_common import NMPruning, UnstructuredPruning, write_pruned_
 from compactmind.methods._sparse import lowest_per_row_mask, nm_mask, parse_nm
-from compactmind.registry import Kind, Method, register_method
-from compactmind.space import Categorical, Float
+from compactmind.registry import register_method
 
 
 def wanda_score(weight: torch.Tensor, input_sq_mean: torch.Tensor) -> torch.Tensor:
@@ -42,19 +39,8 @@ def _prune(model, calib, name, mask_of, pattern):
 
 
 @register_method("wanda")
-class Wanda(Method):
-    kind = Kind.PRUNING
+class Wanda(UnstructuredPruning):
     needs_calibration = True
-
-    @dataclass(frozen=True)
-    class Params:
-        sparsity: float = 0.5
-
-        def __post_init__(self):
-            check_sparsity(self.sparsity)
-
-    space = {"sparsity": Float(0.1, 0.5, step=0.1)}
-    identity = Params(sparsity=0.0)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
@@ -62,18 +48,8 @@ class Wanda(Method):
 
 
 @register_method("wanda_nm")
-class WandaNM(Method):
-    kind = Kind.PRUNING
+class WandaNM(NMPruning):
     needs_calibration = True
-
-    @dataclass(frozen=True)
-    class Params:
-        pattern: str = "2:4"
-
-    space = {"pattern": Categorical(NM_PATTERNS)}
-
-    def check(self, model, params):
-        check_nm(model, params.pattern)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
