@@ -55,8 +55,9 @@ def test_early_stopping_by_dominance_and_by_cap(tiny_model_dir, text_file, tmp_p
     assert main(args(tiny_model_dir, text_file, tmp_path, "--study_name", "cap", "--ppl_cap_factor", "1.0001",
                      "--target_ratio", "0.0", "--dominance_margin", "1000", "--max_eval_windows", "8")) == 0
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
-    assert any(t["status"] == "early_stopped" and "exceeds the cap" in t["reason"] for t in trials)
+    assert any(t["status"] == "early_stopped" and "the dense model's on the same windows" in t["reason"] for t in trials)
     assert main(args(tiny_model_dir, text_file, tmp_path, "--study_name", "none", "--no_early_stop",
                      "--ppl_cap_factor", "1.0001", "--target_ratio", "0.0", "--max_eval_windows", "8")) == 0
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
     assert not any(t["status"] == "early_stopped" for t in trials)
+    assert any(t["status"] == "over_cap" and t["feasible"] is False for t in trials)  # measured, infeasible
