@@ -67,15 +67,19 @@ def publish(study: optuna.Study, records: dict, storage_url: str, report_paths: 
         return
     optuna_dashboard.save_note(study, note(records, storage_url))
     plots = [p for p in report_paths or [] if p.suffix in (".png", ".html")]
-    if plots:
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+    if not plots:
+        return
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-        folder = artifact_dir(storage_url, artifacts)
+    folder = artifact_dir(storage_url, artifacts)
+    try:
         folder.mkdir(parents=True, exist_ok=True)
         store = FileSystemArtifactStore(str(folder))
         for path in plots:
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
                             mimetype="text/html" if path.suffix == ".html" else "image/png")
+    except OSError as exc:  # the reports are written; only their copy for the dashboard is missing
+        log.warning("could not attach the report plots to the study in %s: %s", folder, exc.strerror or exc)
 
 
 def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None = None) -> None:
