@@ -31,11 +31,14 @@ class Perplexity:
     stopped: str | None = None  # why evaluation stopped early, if it did
     window_nll: tuple[float, ...] = ()  # summed NLL of each evaluated window, in order
 
-    @staticmethod
-    def running(window_nll, done: int, seq_len: int) -> float:
-        """Perplexity over the first `done` windows of a recorded `window_nll`."""
-        nll = sum(window_nll[:done]) / (done * (seq_len - 1))
-        return math.exp(min(nll, 700.0))
+
+def running_perplexity(window_nll, seq_len: int) -> list[float]:
+    """Perplexity over the first k windows of a recorded `window_nll`, for k = 1, 2, ..."""
+    out, total = [], 0.0
+    for k, nll in enumerate(window_nll, 1):
+        total += nll
+        out.append(math.exp(min(total / (k * (seq_len - 1)), 700.0)))
+    return out
 
 
 def _split_model(model: nn.Module):

@@ -35,7 +35,7 @@ from compactmind.calibration import Calibration
 from compactmind.config import RunConfig
 from compactmind.data import Dataset
 from compactmind.errors import CompactMindError, StorageError
-from compactmind.evaluate import Perplexity, perplexity
+from compactmind.evaluate import perplexity, running_perplexity
 from compactmind.footprint import Reference, measure
 from compactmind.models import LoadedModel, Snapshot
 from compactmind.registry import get_method
@@ -306,7 +306,7 @@ class Context:
     spaces: dict[str, dict]  # effective search space per method
     on_trial: Callable[[dict], None] | None = None
     on_window: Callable[[int, int], None] | None = None  # (windows done, windows) during an evaluation
-    dense_window_nll: list[float] | None = None  # the dense model's per-window NLL, for like-for-like stops
+    dense_running: list[float] | None = None  # the dense model's perplexity over its first k windows
 
     @property
     def shapes(self) -> list[str]:
@@ -352,12 +352,13 @@ def _finished_twin(study: optuna.Study, label: str, number: int) -> FrozenTrial 
     return None
 
 
-def _front(study: optuna.Study) -> list[tuple[float, float, int, list | None]]:
-    """(perplexity, ratio, number, per-window NLLs) of finished feasible trials: what a running candidate is
-    compared with."""
-    return [(t.values[0], t.values[1], t.number, t.user_attrs.get("window_nll"))
+def _rivals(study: optuna.Study, ratio: float, seq_len: int) -> list[tuple[float, float, int, list[float] | None]]:
+    """(perplexity, ratio, number, perplexity over the first k windows) of the finished feasible trials with at
+    least this ratio: what a running candidate is compared with."""
+    return [(t.values[0], t.values[1], t.number, running_perplexity(t.user_attrs["window_nll"], seq_len)
+             if t.user_attrs.get("window_nll") else None)
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if all(v <= 0 for v in t.constraints.values())]
+            if t.values[1] >= ratio and all(v <= 0 for v in t.constraints.values())]
 
 
 def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
@@ -393,29 +394,25 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, float]:
         record(compression_ratio=fp.compression_ratio, bits_per_weight=fp.bits_per_weight, sparsity=fp.sparsity,
                model_bytes=fp.model_bytes, compress_seconds=seconds)
         _set_constraint(trial, "target_ratio", cfg.target_ratio - fp.compression_ratio)
-        _set_constraint(trial, "perplexity_cap", 0.0)  # not measured yet
         if fp.compression_ratio < cfg.target_ratio:
+            _set_constraint(trial, "perplexity_cap", 0.0)  # not measured: the ratio alone makes it infeasible
             record(status="infeasible", reason=f"compression ratio {fp.compression_ratio:.4f} is below the "
                                                f"target {cfg.target_ratio}", windows=0, eval_tokens=0)
             _finish(ctx, trial.number, attrs)
             raise optuna.TrialPruned("infeasible")
         cap = cfg.ppl_cap_factor * ctx.dense_perplexity
-        rivals = [f for f in _front(trial.study) if f[1] >= fp.compression_ratio]
+        rivals = _rivals(trial.study, fp.compression_ratio, ctx.data.windows.shape[1]) if cfg.early_stop else []
         min_windows = max(1, ctx.data.windows.shape[0] // 4)
-        seq_len = ctx.data.windows.shape[1]
-
-        def on_same_windows(full: float, window_nll, done: int) -> float:
-            """A reference's perplexity over the windows the candidate has done (its full figure if unrecorded)."""
-            return Perplexity.running(window_nll, done, seq_len) if window_nll else full
 
         def stop(running: float, done: int) -> str | None:
-            dense_here = on_same_windows(ctx.dense_perplexity, ctx.dense_window_nll, done)
+            # References on the windows the candidate has done (their full figure where none was recorded).
+            dense_here = ctx.dense_running[done - 1] if ctx.dense_running else ctx.dense_perplexity
             if running > cfg.ppl_cap_factor * dense_here:
                 return (f"running perplexity {running:.4g} after {done} windows exceeds {cfg.ppl_cap_factor}x the "
                         f"dense model's on the same windows ({dense_here:.4g})")
             if done >= min_windows:
-                for p, r, n, nlls in rivals:
-                    theirs = on_same_windows(p, nlls, done)
+                for p, r, n, curve in rivals:
+                    theirs = curve[done - 1] if curve else p
                     if running > cfg.dominance_margin * theirs:
                         return (f"running perplexity {running:.4g} after {done} windows is over "
                                 f"{cfg.dominance_margin}x that of trial {n} ({theirs:.4g} on the same windows) at "
@@ -628,7 +625,7 @@ def make_context(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates,
                  snapshot: Snapshot, on_trial=None, on_window=None) -> Context:
     return Context(loaded, data, cfg, candidates, snapshot, Reference.of(loaded.model, cfg.baseline_bits),
                    Calibration(data.calib), dense["perplexity"], pl.search_spaces(cfg.methods, cfg.grids), on_trial,
-                   on_window, dense.get("window_nll"))
+                   on_window, running_perplexity(dense["window_nll"], data.seq_len) if dense.get("window_nll") else None)
 
 
 # ---- reading a study back --------------------------------------------------------------------------------
