@@ -9,7 +9,6 @@ Every packed tensor is checked to unpack to exactly the weight that was evaluate
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -145,6 +144,3 @@ def write(model: nn.Module, tokenizer, out_dir: Path, manifest: dict) -> dict:
 def folder_bytes(folder: Path, names=(packed.WEIGHTS,)) -> int:
     return sum((Path(folder) / n).stat().st_size for n in names)
 
-
-def dense_bytes(model: nn.Module, bits: float) -> int:
-    return math.ceil(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * bits / 8)
