@@ -1,14 +1,34 @@
-"""The settings of a study run, validated once, at the edge."""
+"""The settings of a study run (`RunConfig`), validated here and only here, and the objectives it can optimise.
+
+A `RunConfig` has one field per command-line flag (same names, `no_hybrids` and `no_early_stop` included), so a
+study file's [run] table, the command line and the copy a study stores are the same dictionary: `to_dict()`
+writes it, `from_dict()` reads it back and validates every value's type and range.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from compactmind.errors import ConfigError
 
-STRATEGIES = ("grid", "tpe", "nsga2", "random", "qmc", "gp", "bruteforce")
 DEFAULT_STORAGE = "sqlite:///storage/compactmind.db"
+
+# Every objective a study can optimise, declared once: name -> direction. A trial records each under its name.
+OBJECTIVES = {
+    "perplexity": "minimize",
+    "compression_ratio": "maximize",
+}
+DEFAULT_OBJECTIVES = ("perplexity", "compression_ratio")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Fields that belong to one process, not to the study: a worker or a resumed run brings its own.
+LOCAL_FIELDS = ("gpu", "cpu", "storage", "study_name", "output_dir", "n_trials", "timeout")
 
 
 @dataclass(frozen=True)
@@ -17,8 +37,6 @@ class RunConfig:
     data_path: str | None = None
     calib_path: str | None = None
     target_ratio: float = 0.5
-    gpu: bool = False
-    cpu: bool = False
     dtype: str = "auto"
     seq_len: int | None = None  # None: min(2048, the model's context)
     max_eval_windows: int | None = None
@@ -27,49 +45,142 @@ class RunConfig:
     strategy: str = "grid"
     methods: tuple[str, ...] | None = None
     grids: dict | None = None  # {method: {param: [values]}} from a study file
-    hybrids: bool = True
-    storage: str = DEFAULT_STORAGE
-    study_name: str | None = None
-    output_dir: str | None = None
+    no_hybrids: bool = False
     seed: int = 0
     ppl_cap_factor: float = 10.0
     dominance_margin: float = 2.0  # stop a candidate whose running ppl is this many times a dominating trial's
-    early_stop: bool = True
-    n_trials: int | None = None  # budget for non-grid strategies (None: until --timeout, or 100 without one)
+    no_early_stop: bool = False
+    baseline_bits: int = 32
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    gpu: bool = False
+    cpu: bool = False
+    storage: str = DEFAULT_STORAGE
+    study_name: str | None = None
+    output_dir: str | None = None
+    n_trials: int | None = None  # budget for non-exhaustive strategies (None: until --timeout, or 100 without one)
     timeout: float | None = None  # seconds
-    baseline_bits: float = 32.0
 
     def __post_init__(self):
-        if not (isinstance(self.target_ratio, (int, float)) and 0.0 <= self.target_ratio < 1.0):
-            raise ConfigError(f"--target_ratio must be a number from 0 up to (not including) 1, got {self.target_ratio}.")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
-        if self.data_samples < 1:
-            raise ConfigError(f"--data_samples must be at least 1, got {self.data_samples}.")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise ConfigError(f"--seq_len must be at least 2, got {self.seq_len}.")
-        if self.max_eval_windows is not None and self.max_eval_windows < 1:
-            raise ConfigError(f"--max_eval_windows must be at least 1, got {self.max_eval_windows}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}.")
-        if not (self.ppl_cap_factor > 1.0 and math.isfinite(self.ppl_cap_factor)) and self.ppl_cap_factor != math.inf:
-            raise ConfigError(f"--ppl_cap_factor must be above 1, got {self.ppl_cap_factor}.")
-        if self.dominance_margin < 1.0:
-            raise ConfigError(f"--dominance_margin must be at least 1, got {self.dominance_margin}.")
-        if self.n_trials is not None and self.n_trials < 1:
-            raise ConfigError(f"--n_trials must be at least 1, got {self.n_trials}.")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}.")
-        if self.baseline_bits not in (16.0, 32.0):
-            raise ConfigError(f"--baseline_bits must be 32 or 16, got {self.baseline_bits}.")
-        if self.gpu and self.cpu:
-            raise ConfigError("--gpu and --cpu exclude each other; pass one of them, or neither for automatic.")
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
+        for name in ("model_path", "data_path", "calib_path"):  # a study is joined from other folders too
+            value = getattr(self, name)
+            if value and Path(value).expanduser().exists():
+                object.__setattr__(self, name, str(Path(value).expanduser().resolve()))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        from compactmind.study.sampler import STRATEGIES
+
+        rules = [
+            (0.0 <= self.target_ratio < 1.0, f"--target_ratio must be a number from 0 up to (not including) 1, got "
+                                             f"{self.target_ratio}."),
+            (self.strategy in STRATEGIES, f"Unknown strategy {self.strategy!r}; choose one of: "
+                                          f"{', '.join(STRATEGIES)}."),
+            (self.dtype in DTYPES, f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}."),
+            (self.data_samples >= 1, f"--data_samples must be at least 1, got {self.data_samples}."),
+            (self.seq_len is None or self.seq_len >= 2, f"--seq_len must be at least 2, got {self.seq_len}."),
+            (self.max_eval_windows is None or self.max_eval_windows >= 1,
+             f"--max_eval_windows must be at least 1, got {self.max_eval_windows}."),
+            (self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}."),
+            (self.ppl_cap_factor > 1.0, f"--ppl_cap_factor must be a number above 1, got {self.ppl_cap_factor}."),
+            (self.dominance_margin >= 1.0 and math.isfinite(self.dominance_margin),
+             f"--dominance_margin must be a finite number of at least 1, got {self.dominance_margin}."),
+            (self.n_trials is None or self.n_trials >= 1, f"--n_trials must be at least 1, got {self.n_trials}."),
+            (self.timeout is None or self.timeout > 0,
+             f"--timeout must be a positive number of seconds, got {self.timeout}."),
+            (self.baseline_bits in (16, 32), f"--baseline_bits must be 32 or 16, got {self.baseline_bits}."),
+            (not (self.gpu and self.cpu), "--gpu and --cpu exclude each other; pass one of them, or neither for "
+                                          "automatic."),
+            (self.methods is None or len(self.methods) > 0, "No candidate pipelines: --methods names no method; "
+                                                            "pass at least one."),
+            (self.methods is None or len(set(self.methods)) == len(self.methods),
+             f"--methods names a method twice ({', '.join(self.methods or ())}); name each once."),
+            (self.study_name is None or 0 < len(self.study_name) <= 200 and self.study_name.isprintable(),
+             "--study_name must be 1 to 200 printable characters."),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise ConfigError(message)
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"--objectives {','.join(self.objectives)} is not a list of distinct objectives from: "
+                              f"{', '.join(OBJECTIVES)}.")
+        if not {"perplexity", "compression_ratio"} <= set(self.objectives):
+            raise ConfigError("--objectives must include perplexity and compression_ratio (the target ratio and the "
+                              "best configuration are defined on them).")
+
+    @property
+    def hybrids(self) -> bool:
+        return not self.no_hybrids
+
+    @property
+    def early_stop(self) -> bool:
+        return not self.no_early_stop
+
+    def to_dict(self, study_only: bool = False) -> dict[str, Any]:
+        """Plain values (lists for tuples); study_only leaves out what belongs to one process."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if not (study_only and f.name in LOCAL_FIELDS)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "the settings") -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{where} set unknown options {', '.join(unknown)}; see 'compactmind run --help' for "
+                              "the flag names.")
+        values = dict(values)
+        for key in ("methods", "objectives"):
+            if isinstance(values.get(key), str):
+                values[key] = tuple(m.strip() for m in values[key].split(",") if m.strip())
+            elif isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _check_type(name: str, value: Any, hint) -> None:
+    """One sentence when a value (from a flag, a study file or a stored study) has the wrong type."""
+    if _matches(value, hint):
+        return
+    shown = {int: "an integer", float: "a number", bool: "true or false", str: "a text"}
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    want = " or ".join(shown.get(typing.get_origin(k) or k, "a list of names" if typing.get_origin(k) is tuple
+                                 else "a table") for k in kinds)
+    raise ConfigError(f"The setting {name} must be {want}, got {value!r}.")
+
+
+def _matches(value: Any, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return False
 
 
 def load_study_file(path: str) -> tuple[dict, dict]:
     """Read a study TOML file: its [run] table (flag names and values) and its [grids.METHOD] tables."""
     import tomllib
-    from pathlib import Path
 
     p = Path(path)
     try:
@@ -84,7 +195,9 @@ def load_study_file(path: str) -> tuple[dict, dict]:
     if unknown:
         raise ConfigError(f"The study file {p} has unknown tables {', '.join(sorted(unknown))}; "
                           "use [run] and [grids.METHOD].")
-    grids = doc.get("grids", {})
+    run, grids = doc.get("run", {}), doc.get("grids", {})
+    if not isinstance(run, dict) or not isinstance(grids, dict):
+        raise ConfigError(f"In {p}, [run] and [grids] must be tables.")
     if not all(isinstance(v, dict) and all(isinstance(x, list) for x in v.values()) for v in grids.values()):
         raise ConfigError(f"In {p}, each [grids.METHOD] table must map parameter names to lists of values.")
-    return dict(doc.get("run", {})), grids
+    return dict(run), grids

@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 
 from compactmind.errors import ConfigError
-from compactmind.search import safe_url
+from compactmind.study.records import StudyRecords
+from compactmind.study.storage import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +34,31 @@ def _fmt(value, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def note(records: dict, storage_url: str) -> str:
+def note(records: StudyRecords, storage_url: str) -> str:
     """The study's note (Markdown): what was compressed, on what, how it is measured, and where it stands."""
-    model, data, protocol = records.get("model") or {}, records.get("data") or {}, records.get("protocol") or {}
-    dense, best = records.get("dense") or {}, records.get("best")
-    counts = records.get("counts", {})
-    lines = [f"## compactmind study `{records['study']}`", "",
+    model, data, protocol = records.model or {}, records.data or {}, records.protocol or {}
+    dense, best, counts = records.dense or {}, records.best, records.counts
+    objectives = ", ".join(f"{name} ({direction})" for name, direction in records.objectives.items())
+    lines = [f"## compactmind study `{records.study}`", "",
              f"- **model**: {model.get('name', '-')} ({model.get('parameters', 0):,} parameters) from "
              f"`{model.get('source', '-')}`",
              f"- **data**: {data.get('label', '-')}; calibration: {data.get('calib_source', '-')}",
              f"- **protocol**: {protocol.get('windows', '-')} windows of {protocol.get('seq_len', '-')} tokens, "
              f"{protocol.get('dtype', '-')}, {protocol.get('data_samples', '-')} calibration samples, seed "
              f"{protocol.get('seed', '-')}; ratio against {protocol.get('baseline_bits', 32):g}-bit weights",
-             f"- **target**: compression ratio >= {records.get('target_ratio')} (trials below it are infeasible)",
+             f"- **target**: compression ratio >= {records.target_ratio} (trials below it are infeasible)",
              f"- **dense baseline**: perplexity {_fmt(dense.get('perplexity'))}",
              f"- **storage**: `{safe_url(storage_url)}`",
              f"- **trials**: {sum(counts.values())} ({counts.get('COMPLETE', 0)} evaluated, "
              f"{counts.get('PRUNED', 0)} pruned/infeasible, {counts.get('FAIL', 0)} failed)"]
     if best:
-        lines.append(f"- **best feasible**: trial {best['number']}, `{best['pipeline']}`: perplexity "
-                     f"{_fmt(best['perplexity'])}, ratio {_fmt(best['compression_ratio'])}")
-    lines += ["", "Objectives: perplexity (minimize), compression_ratio (maximize). The report plots are attached "
-                  "as artifacts."]
+        lines.append(f"- **best feasible**: trial {best.number}, `{best.pipeline}`: " +
+                     ", ".join(f"{name} {_fmt(best.get(name))}" for name in records.objectives))
+    lines += ["", f"Objectives: {objectives}. The report plots are attached as artifacts."]
     return "\n".join(lines)
 
 
-def publish(study: optuna.Study, records: dict, storage_url: str, report_paths: list[Path] | None = None,
+def publish(study: optuna.Study, records: StudyRecords, storage_url: str, report_paths: list[Path] | None = None,
             artifacts: str | None = None) -> None:
     """Write the study note and attach the report plots; best effort (the dashboard is optional)."""
     try:

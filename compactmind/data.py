@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from compactmind.errors import ConfigError, DataError
+from compactmind.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +117,9 @@ class Dataset:
     seq_len: int
     info: dict = field(default_factory=dict)
 
-    @property
-    def n_tokens(self) -> int:
-        return self.windows.numel()
-
 
 def prepare(tokenizer, sources: Sources | Texts, seq_len: int, data_samples: int,
             max_eval_windows: int | None = None, seed: int = 0) -> Dataset:
-    if seq_len < 2:
-        raise ConfigError(f"--seq_len must be at least 2 tokens, got {seq_len}.")
-    if data_samples < 1:
-        raise ConfigError(f"--data_samples must be a positive number of calibration samples, got {data_samples}.")
-    if max_eval_windows is not None and max_eval_windows < 1:
-        raise ConfigError(f"--max_eval_windows must be at least 1, got {max_eval_windows}.")
     texts = sources if isinstance(sources, Texts) else sources.read()
     sources = texts.sources
     tokens = tokenize(tokenizer, texts.eval)

@@ -40,8 +40,6 @@ class LoadedModel:
 
 
 def pick_device(gpu: bool = False, cpu: bool = False) -> torch.device:
-    if gpu and cpu:
-        raise ConfigError("--gpu and --cpu exclude each other; pass one of them, or neither for automatic.")
     if gpu:
         if not torch.cuda.is_available():
             raise ConfigError("--gpu was given but no CUDA GPU is available; drop --gpu or pass --cpu.")
@@ -55,8 +53,6 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """Evaluation precision: float32 on the CPU and float16 on a GPU unless the user says otherwise."""
     if name in (None, "auto"):
         return torch.float32 if device.type == "cpu" else torch.float16
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 

@@ -13,7 +13,7 @@ per stored tensor NAME (a state-dict name):
     dtype        float16 | bfloat16 | float32: the dtype of the values (float tensors) or of the unpacked weight
     bits         null for float values; k (2..8) for integer codes
     group_size   columns per scale group (0: one group per row)
-    zero_point   true: a uint8 zero point per group is stored; false: the zero point is 2^(k-1)
+    zero_point   true: a k-bit zero point per group is stored; false: the zero point is 2^(k-1)
     sparse       true: only the kept weights are stored, with a bitmap of the kept positions
     act_quant    "per_token_int8": inputs are quantized per token to int8 at every forward (W8A8), else null
 and model.safetensors holds, for NAME:
@@ -22,7 +22,7 @@ and model.safetensors holds, for NAME:
     NAME.codes           uint8: the integer codes of the kept positions (all when dense), row-major, as a
                          little-endian bit stream of k bits per code (k = 8: one byte each)
     NAME.scale           float16 [rows, groups]: dequantized weight = scale * (code - zero)
-    NAME.zero            uint8 [rows, groups] (when zero_point)
+    NAME.zero            uint8: the zero points [rows, groups], row-major, as a k-bit stream (when zero_point)
     NAME.mask            uint8: the kept-position bitmap, 1 bit per weight, little-endian bit stream
     NAME.group_index     int32 [cols] (only when structured pruning removed columns after quantization): the
                          scale group of each column, instead of column // group_size
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "compactmind.json"
 WEIGHTS = "model.safetensors"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -78,9 +78,13 @@ def unpack_tensor(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> to
         group = spec["group_size"] or cols
         column_group = tensors[f"{name}.group_index"].long() if f"{name}.group_index" in tensors \
             else torch.arange(cols) // group
-        scale = tensors[f"{name}.scale"].to(torch.float32)[:, column_group].reshape(-1)
-        zero = (tensors[f"{name}.zero"].to(torch.float32)[:, column_group].reshape(-1) if spec["zero_point"]
-                else torch.full((numel,), float(2 ** (bits - 1))))
+        scales = tensors[f"{name}.scale"]
+        scale = scales.to(torch.float32)[:, column_group].reshape(-1)
+        if spec["zero_point"]:
+            zeros = unpack_bits(tensors[f"{name}.zero"], bits, scales.numel()).view(scales.shape).to(torch.float32)
+            zero = zeros[:, column_group].reshape(-1)
+        else:
+            zero = torch.full((numel,), float(2 ** (bits - 1)))
         if mask is not None:
             scale, zero = scale[mask], zero[mask]
         values = scale * (codes - zero)
@@ -91,11 +95,18 @@ def unpack_tensor(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> to
     return out.reshape(shape).to(dtype)
 
 
-def _per_token_int8(_module, args):
-    x = args[0]
+def quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric dynamic per-token quantization of activations: one scale max|x| / (2^(bits-1) - 1) per token
+    (last dim = channels). compactmind's W8A8 methods and this loader use this one function."""
+    qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-    return ((xf / scale).round().clamp(-127, 127).mul(scale).to(x.dtype),) + tuple(args[1:])
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    return (xf / scale).round().clamp(-qmax, qmax).mul(scale).to(x.dtype)
+
+
+def per_token_int8(_module, args):
+    """Forward pre-hook: the module's input quantized per token to INT8 (W8A8)."""
+    return (quantize_per_token(args[0], 8),) + tuple(args[1:])
 
 
 def _resize_linears(model: torch.nn.Module, shapes: dict[str, tuple]) -> None:
@@ -145,7 +156,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device: str | tor
     modules = dict(model.named_modules())
     for name, spec in specs.items():
         if spec.get("act_quant") == "per_token_int8":
-            modules[name.rpartition(".")[0]].register_forward_pre_hook(_per_token_int8)
+            modules[name.rpartition(".")[0]].register_forward_pre_hook(per_token_int8)
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from compactmind.calibration import Calibration
 from compactmind.errors import CompactMindError, IncompatiblePipelineError, PipelineError
-from compactmind.registry import Kind, Method, all_methods, get_method
+from compactmind.registry import Kind, all_methods, get_method
 
 
 def _fmt(value: Any) -> str:
@@ -109,18 +109,9 @@ def parse(text: str) -> Pipeline:
 
 
 def check_order(pipeline: Pipeline) -> Pipeline:
-    steps = pipeline.steps
-    for i, step in enumerate(steps):
-        method = get_method(step.method)
-        if method.position == "first" and i != 0 or method.position == "last" and i != len(steps) - 1:
-            raise PipelineError(f"{step.method} must come {method.position} in a pipeline.")
-    if len({s.method for s in steps}) != len(steps):
+    if len({s.method for s in pipeline.steps}) != len(pipeline.steps):
         raise PipelineError("A pipeline cannot use the same method twice.")
     return pipeline
-
-
-def _allowed(first: Method, second: Method) -> bool:
-    return first.position != "last" and second.position != "first"
 
 
 def search_spaces(method_names: list[str] | None = None,
@@ -144,7 +135,7 @@ def candidates(method_names: list[str] | None = None, hybrids: bool = True,
     if hybrids:
         for a in chosen:
             for b in chosen:
-                if {a.kind, b.kind} == {Kind.PRUNING, Kind.QUANTIZATION} and _allowed(a, b):
+                if {a.kind, b.kind} == {Kind.PRUNING, Kind.QUANTIZATION}:
                     pairs += [Pipeline((Step(a.name, pa), Step(b.name, pb)))
                               for pa in grid[a.name] for pb in grid[b.name]]
     return singles + pairs

@@ -38,8 +38,6 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # Parameters that leave the model unchanged, if the method has such a setting.
     identity: ClassVar[Any] = None
-    # Where the method may stand in a two-step hybrid: "any", "first" or "last".
-    position: ClassVar[str] = "any"
 
     def check(self, model, params) -> None:
         """Raise IncompatiblePipelineError if `params` cannot apply to `model`; must be cheap (no calibration)."""
@@ -112,8 +110,6 @@ def register_method(name: str):
         if not isinstance(space, dict) or list(space) != fields:
             raise RegistryError(
                 f"Method {name!r}: search space keys {list(space or {})} must equal its parameters {fields}, in order.")
-        if cls.position not in ("any", "first", "last"):
-            raise RegistryError(f"Method {name!r}: position must be 'any', 'first' or 'last'.")
         cls.name = name
         _REGISTRY[name] = cls()
         return cls

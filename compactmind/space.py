@@ -1,7 +1,7 @@
 """Typed search-space specs a method declares for its parameters.
 
 A spec knows its grid (the values an exhaustive search visits), whether a value has the right type
-(`accepts`) and lies in the declared range (`contains`), and how to read a value from pipeline text. The
+(`accepts`), and how to read a value from pipeline text. The
 declared range is the default search range, not the limit of what the method can do: pipeline text and study
 files may use other valid values, which the method's `Params` checks. The search layer turns specs into
 Optuna distributions.
@@ -29,9 +29,6 @@ class Categorical:
 
     def grid(self) -> list[Value]:
         return list(self.choices)
-
-    def contains(self, value: Any) -> bool:
-        return value in self.choices
 
     def _kind(self) -> type | None:
         """bool, int or float when every choice has that type: then other values of the type are valid too
@@ -75,9 +72,6 @@ class Int:
     def accepts(self, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    def contains(self, value: Any) -> bool:
-        return self.accepts(value) and self.low <= value <= self.high
-
     def parse(self, text: str) -> int:
         return int(text)
 
@@ -104,9 +98,6 @@ class Float:
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    def contains(self, value: Any) -> bool:
-        return self.accepts(value) and self.low - 1e-12 <= value <= self.high + 1e-12
 
     def parse(self, text: str) -> float:
         return float(text)

@@ -40,15 +40,11 @@ def check(storage_url: str, study_name: str, output_dir: Path) -> list[str]:
     """The problems found; empty when the study is whole."""
     from optuna.trial import TrialState
 
-    from compactmind import pipeline as pl
-    from compactmind import search
+    from compactmind.config import RunConfig
+    from compactmind.study.session import candidates_of, open_records, stored_config
 
-    study = search.load_study(search.open_storage(storage_url, create=False), study_name)
-    config = search.stored_config(study)
-    methods = config.get("methods")
-    if isinstance(methods, str):
-        methods = methods.split(",")
-    candidates = {str(c) for c in pl.candidates(methods, not config.get("no_hybrids"), config.get("grids"))}
+    study, _ = open_records(storage_url, study_name)
+    candidates = {str(c) for c in candidates_of(RunConfig.from_dict(stored_config(study)))}
     trials = study.get_trials(deepcopy=False)
     finished = [t.user_attrs["pipeline"] for t in trials
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "pipeline" in t.user_attrs
@@ -63,9 +59,10 @@ def check(storage_url: str, study_name: str, output_dir: Path) -> list[str]:
         if items:
             problems.append(f"{len(items)} {what}: {items[:5]}")
     report = json.loads((output_dir / "report.json").read_text())
+    names = study.metric_names
     stored = {t.number: (t.state.name, t.values if t.state == TrialState.COMPLETE else None) for t in trials}
-    reported = {t["number"]: (t["state"], [t["perplexity"], t["compression_ratio"]] if t["state"] == "COMPLETE"
-                              else None) for t in report["trials"]}
+    reported = {t["number"]: (t["state"], [t[n] for n in names] if t["state"] == "COMPLETE" else None)
+                for t in report["trials"]}
     if reported != stored:
         differ = sorted(n for n in set(stored) | set(reported) if stored.get(n) != reported.get(n))
         problems.append(f"report.json differs from the storage on trials {differ[:10]}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,9 +19,7 @@ import torch
 from compactmind import data as D
 from compactmind import models
 from compactmind import pipeline as pl
-from compactmind.calibration import Calibration
-from compactmind.evaluate import perplexity
-from compactmind.footprint import Reference, measure
+from compactmind.trial import Executor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -63,21 +60,16 @@ def main() -> int:
     loaded = models.load_model(args.model_path, device, torch.float32 if device.type == "cpu" else torch.float16)
     data = D.prepare(loaded.tokenizer, D.Sources(Path(args.test), Path(args.calib), "wikitext-2"), args.seq_len,
                      args.samples, args.windows, seed=0)
-    model = loaded.model
-    snapshot = models.Snapshot(model)
-    ref = Reference.of(model)
+    executor = Executor(loaded, data)
     print(f"model {loaded.name}, {data.info['windows']} windows x {args.seq_len} tokens of {args.test}, "
           f"{args.samples} calibration samples from {args.calib}, {str(loaded.dtype)[6:]} on {device}")
     print(f"{'row':<20} {'perplexity':>10} {'ratio':>7} {'bits/w':>7} {'compress s':>10}  pipeline")
     results = {}
     for label, text in rows(args.group_size):
-        snapshot.restore()
         spec = pl.parse(text)
-        start = time.perf_counter()
-        pl.apply_(model, spec, Calibration(data.calib), 0)
-        seconds = time.perf_counter() - start
-        fp = measure(model, ref)
-        ppl = perplexity(model, data.windows, batch_size=4).perplexity
+        compressed = executor.compress(spec)
+        seconds, fp = compressed.seconds, compressed.footprint
+        ppl = executor.evaluate(batch_size=4).perplexity
         results[label] = ppl
         print(f"{label:<20} {ppl:>10.3f} {fp.compression_ratio:>7.4f} {fp.bits_per_weight:>7.2f} {seconds:>10.1f}  "
               f"{spec}", flush=True)

@@ -21,7 +21,10 @@ import warnings
 import optuna
 
 from compactmind import pipeline as pl
-from compactmind import search
+from compactmind.config import RunConfig
+from compactmind.study.objective import suggest_pipeline
+from compactmind.study.sampler import STRATEGIES
+from compactmind.study.session import candidates_of, open_records, stored_config
 
 
 def hypervolume(points: list[tuple[float, float]], ref_ppl: float, target: float) -> float:
@@ -42,18 +45,19 @@ def load_table(study: optuna.Study):
         label = t.user_attrs.get("pipeline")
         if label is None or t.state.name not in ("COMPLETE", "PRUNED") or "duplicate_of" in t.user_attrs:
             continue
-        table[label] = (t.values[0] if t.state.name == "COMPLETE" else None, t.user_attrs.get("compression_ratio"),
+        table[label] = (t.user_attrs.get("perplexity") if t.state.name == "COMPLETE" else None,
+                        t.user_attrs.get("compression_ratio"),
                         t.constraints.get("target_ratio"))
     return table
 
 
 def replay(strategy: str, seed: int, table: dict, shapes, spaces, candidates, budget: int) -> list[tuple]:
     study = optuna.create_study(directions=["minimize", "maximize"],
-                                sampler=search.make_sampler(strategy, candidates, seed))
+                                sampler=STRATEGIES[strategy].make(candidates, seed))
     found = []
 
     def objective(trial):
-        label = str(search.suggest_pipeline(trial, shapes, spaces))
+        label = str(suggest_pipeline(trial, shapes, spaces))
         ppl, ratio, constraint = table[label]
         if constraint is not None:
             trial.set_constraint("target_ratio", constraint)
@@ -77,18 +81,17 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
-    study = search.load_study(search.open_storage(args.storage, create=False), args.study_name)
-    config = search.stored_config(study)
-    grids, methods = config.get("grids"), config.get("methods")
-    candidates = pl.candidates(methods, not config.get("no_hybrids"), grids)
-    spaces = pl.search_spaces(methods, grids)
+    study, _ = open_records(args.storage, args.study_name)
+    config = RunConfig.from_dict(stored_config(study))
+    candidates = candidates_of(config)
+    spaces = pl.search_spaces(config.methods, config.grids)
     shapes = list(dict.fromkeys(c.shape for c in candidates))
     table = load_table(study)
     missing = [str(c) for c in candidates if str(c) not in table]
     if missing:
         print(f"the study has not finished its grid: {len(missing)} configurations missing", file=sys.stderr)
         return 1
-    target = config["target_ratio"]
+    target = config.target_ratio
     feasible = [(p, r) for p, r, c in table.values() if p is not None and c is not None and c <= 0]
     ref_ppl = max(p for p, _ in feasible)
     full = hypervolume(feasible, ref_ppl, target)

@@ -53,6 +53,7 @@ def main() -> int:
     from compactmind.calibration import Calibration
     from compactmind.errors import CompactMindError
     from compactmind.evaluate import perplexity
+    from compactmind.trial import Executor
 
     device = models.pick_device(args.gpu, not args.gpu)
     loaded = models.load_model(args.model_path, device, torch.float32)
@@ -108,7 +109,6 @@ def main() -> int:
              "l2_pruning": {"sparsity": [0.1, 0.2, 0.3], "scope": ["mlp", "heads", "both"]},
              "int8_sq": {"alpha": [0.5, 0.65, 0.8]}}
     grid = pl.candidates(["random_pruning", "l2_pruning", "fp16", "int8_sq"], True, grids)
-    calib = Calibration(ds.calib)
     valid = []
     for c in grid:  # configurations this model can take (the study records the others as invalid at no cost)
         try:
@@ -120,16 +120,16 @@ def main() -> int:
     chosen = valid[::step][:args.grid_configs]
     per = {"ours": defaultdict(list), "naive": defaultdict(list)}
     walls = {}
+    del snap
     start = time.perf_counter()
+    executor = Executor(loaded, ds)  # what a study's trials run through: snapshot restore, our evaluation
     for c in chosen:
         t = time.perf_counter()
-        snap.restore()
-        pl.apply_(model, c, calib, 0)
-        perplexity(model, windows, args.batch_size)
+        executor.compress(c)
+        executor.evaluate(args.batch_size)
         per["ours"][c.steps[0].method + ("+" if c.is_hybrid else "")].append(time.perf_counter() - t)
-    snap.restore()
     walls["ours"] = time.perf_counter() - start
-    del snap, model, loaded
+    del executor, model, loaded
     start = time.perf_counter()
     for c in chosen:
         t = time.perf_counter()

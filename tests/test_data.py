@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from compactmind import data as D
+from compactmind.config import RunConfig
 from compactmind.errors import ConfigError, DataError
 
 
@@ -60,7 +61,7 @@ def test_too_short_and_missing_inputs(tmp_path):
     with pytest.raises(DataError, match="no test"):
         D.resolve_sources(str(tmp_path), None)
     with pytest.raises(ConfigError, match="data_samples"):
-        D.prepare(CharTokenizer(), D.resolve_sources(str(f), None), 10, 0)
+        RunConfig(data_samples=0)  # settings are validated once, in RunConfig
 
 
 def test_default_corpus_is_available_offline():

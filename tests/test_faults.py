@@ -111,17 +111,17 @@ def test_a_locked_sqlite_file_is_retried_with_backoff(tmp_path, monkeypatch, cap
 
     import optuna
 
-    from compactmind import search
+    from compactmind.study import storage as S
 
-    monkeypatch.setattr(search, "SQLITE_BUSY_TIMEOUT_S", 0.05)  # SQLite's own wait gives up at once
+    monkeypatch.setattr(S, "SQLITE_BUSY_TIMEOUT_S", 0.05)  # SQLite's own wait gives up at once
     db = tmp_path / "s.db"
-    storage = search.open_storage(f"sqlite:///{db}")
+    storage = S.open_storage(f"sqlite:///{db}")
     study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "locked")
     other = sqlite3.connect(db, check_same_thread=False)
     other.execute("BEGIN EXCLUSIVE")  # another process holds the file
     threading.Timer(1.0, other.rollback).start()
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="compactmind.search"):
+    with caplog.at_level("WARNING", logger="compactmind.study.storage"):
         storage.set_study_user_attr(study_id, "written", "after the lock")
     assert time.monotonic() - started > 0.9
     assert storage.get_study_user_attrs(study_id) == {"written": "after the lock"}

@@ -7,7 +7,8 @@ import torch
 
 from compactmind import pipeline as pl
 from compactmind.calibration import Calibration
-from compactmind.footprint import Reference, TensorFormat, measure, tensor_bits
+from compactmind.footprint import Reference, measure
+from compactmind.formats import Entry, QuantParams, Sparsity, TensorFormat, stored_bytes
 from compactmind.models import block_linears
 
 from conftest import tiny_model
@@ -64,19 +65,27 @@ def test_l2_structured_pruning_counts_removed_weights_exactly():
 def test_unstructured_sparsity_pays_for_its_bitmap():
     w = torch.randn(64, 64)
     w[:, :32] = 0
-    fmt = TensorFormat(sparsity="unstructured")
-    assert tensor_bits(w, fmt, 32) == 2048 * 32 + 4096  # non-zeros + one bit per weight
+    sparse = Entry(TensorFormat(sparsity=Sparsity.UNSTRUCTURED))
+    assert stored_bytes(w, sparse, 32) == 2048 * 4 + 4096 // 8  # non-zeros + one bit per weight
     w2 = torch.randn(64, 64)
     w2[0, 0] = 0
-    assert tensor_bits(w2, fmt, 32) == 4096 * 32  # the dense layout is cheaper: stay dense
+    assert stored_bytes(w2, sparse, 32) == 4096 * 4  # the dense layout is cheaper: stay dense
 
 
-def test_group_quantization_and_nm_overheads():
+def test_group_quantization_counts_packed_codes_scales_and_zero_points():
     w = torch.randn(8, 128)
-    g = TensorFormat(bits=4, scaled=True, group_size=32, scale_bits=16, zero_point=True)
-    assert tensor_bits(w, g, 32) == 8 * 128 * 4 + 8 * 4 * (16 + 4)
-    nm = TensorFormat(bits=16, sparsity="n:m", n=2, m=4)
-    assert tensor_bits(w, nm, 32) == 8 * 128 / 2 * (16 + 2)
+    q = QuantParams(torch.ones(8, 4, dtype=torch.float16), torch.zeros(8, 4, dtype=torch.uint8))
+    g = Entry(TensorFormat(bits=3, scaled=True, group_size=32, zero_point=True), q)
+    assert stored_bytes(w, g, 32) == 8 * 128 * 3 // 8 + 8 * 4 * 2 + 8 * 4 * 3 // 8  # codes, FP16 scales, 3-bit zeros
+    symmetric = Entry(TensorFormat(bits=3, scaled=True, group_size=32), q)
+    assert stored_bytes(w, symmetric, 32) == 8 * 128 * 3 // 8 + 8 * 4 * 2
+
+
+def test_nm_sparsity_stores_the_kept_half_and_a_bitmap():
+    w = torch.randn(8, 128)
+    w.view(8, 32, 4)[:, :, :2] = 0
+    nm = Entry(TensorFormat(bits=16, sparsity=Sparsity.NM, n=2, m=4))
+    assert stored_bytes(w, nm, 32) == 8 * 64 * 2 + 8 * 128 // 8
 
 
 def test_random_pruning_then_int8_keeps_zeros_and_counts_both():

@@ -5,7 +5,8 @@ import torch
 from compactmind import pipeline as pl
 from compactmind.calibration import Calibration
 from compactmind.methods._int8_sq import smoothing_scales
-from compactmind.methods._quant import quantize_per_row_, quantize_per_token
+from compactmind.methods._quant import quantize_per_row
+from compactmind.packed import quantize_per_token
 from compactmind.models import block_linears, decoder_layers
 
 from conftest import tiny_model
@@ -101,7 +102,7 @@ def test_smoothing_reduces_int8_error_with_an_outlier_channel():
     exact = x @ w.T
 
     def w8a8(xx, ww):
-        return quantize_per_token(xx, 8) @ quantize_per_row_(ww, 8).T
+        return quantize_per_token(xx, 8) @ quantize_per_row(ww, 8).weight.T
 
     naive = (w8a8(x, w) - exact).pow(2).mean()
     s = smoothing_scales(x.abs().amax(0), w.abs().amax(0), 0.5)
@@ -143,8 +144,9 @@ def test_wanda_beats_magnitude_on_a_layer_with_an_outlier_channel():
 
 def test_sparsegpt_beats_magnitude_and_hits_the_sparsity():
     w, x = outlier_layer(1)
-    pruned = sparsegpt_(w, hessian(x), sparsity=0.5)
+    pruned, mask = sparsegpt_(w, hessian(x), sparsity=0.5)
     assert (pruned == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(mask, pruned == 0)
     mag = w.masked_fill(lowest_mask(w.abs(), 0.5), 0)
     assert out_err(pruned, w, x) < 0.5 * out_err(mag, w, x)
 

@@ -2,8 +2,7 @@
 
 from compactmind.methods import (  # noqa: F401
     _awq,
-    _bf16,
-    _fp16,
+    _cast,
     _gptq,
     _int8_sq,
     _l2_pruning,

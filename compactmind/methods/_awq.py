@@ -15,16 +15,14 @@ Parameters: `bits`, `group_size` (0: per output channel), `symmetric`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from compactmind.calibration import InputSample, require, sequential_
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.methods._quant import (awq_search_scale, cast_rest_to_fp16_, check_quant, rtn_quantize,
+from compactmind.methods._quant import (WeightQuantizer, awq_search_scale, cast_rest_to_fp16_, rtn_quantize,
                                         write_quantized_)
 from compactmind.models import decoder_layers
-from compactmind.registry import Kind, Method, register_method
+from compactmind.registry import register_method
 from compactmind.space import Categorical
 
 
@@ -41,18 +39,8 @@ def scaling_groups(layer) -> list[tuple[torch.nn.Module, list[str], str]]:
 
 
 @register_method("awq")
-class AWQ(Method):
-    kind = Kind.QUANTIZATION
+class AWQ(WeightQuantizer):
     needs_calibration = True
-
-    @dataclass(frozen=True)
-    class Params:
-        bits: int = 4
-        group_size: int = 128
-        symmetric: bool = False
-
-        def __post_init__(self):
-            check_quant(self.bits, self.group_size)
 
     space = {"bits": Categorical([3, 4]), "group_size": Categorical([128]), "symmetric": Categorical([False])}
 

@@ -20,26 +20,23 @@ from dataclasses import dataclass
 import torch
 
 from compactmind.calibration import Hessian, require, sequential_
-from compactmind.methods._quant import cast_rest_to_fp16_, check_quant, gptq, is_sparse, write_quantized_
-from compactmind.registry import Kind, Method, register_method
+from compactmind.formats import is_sparse
+from compactmind.methods._quant import WeightQuantizer, cast_rest_to_fp16_, gptq, write_quantized_
+from compactmind.registry import register_method
 from compactmind.space import Categorical
 
 
 @register_method("gptq")
-class GPTQ(Method):
-    kind = Kind.QUANTIZATION
+class GPTQ(WeightQuantizer):
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Params:
-        bits: int = 4
-        group_size: int = 128
-        symmetric: bool = False
+    class Params(WeightQuantizer.Params):
         act_order: bool = True
         damp: float = 0.01
 
         def __post_init__(self):
-            check_quant(self.bits, self.group_size)
+            super().__post_init__()
             if not 0 < self.damp < 1:
                 raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 

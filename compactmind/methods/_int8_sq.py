@@ -23,9 +23,10 @@ import torch
 
 from compactmind.calibration import output_absmax, require
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.methods._quant import (cast_rest_to_fp16_, quantize_per_row, quantize_per_token,
-                                        write_quantized_)
+from compactmind.formats import record
+from compactmind.methods._quant import cast_rest_to_fp16_, quantize_per_row, write_quantized_
 from compactmind.models import block_linears, decoder_layers
+from compactmind.packed import per_token_int8
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Categorical, Float
 
@@ -46,10 +47,6 @@ def _groups(layer):
     if mlp is not None and hasattr(layer, "post_attention_layernorm"):
         pairs.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
     return pairs
-
-
-def _per_token_int8(_module, args):
-    return (quantize_per_token(args[0], 8),) + tuple(args[1:])
 
 
 @register_method("int8_sq")
@@ -80,7 +77,8 @@ class Int8SmoothQuant(Method):
             smooth_(model, params.alpha, require(calib, self.name))
         for _, linear in block_linears(model):
             write_quantized_(linear, quantize_per_row(linear.weight, 8), 8, None, symmetric=True)
-            linear.register_forward_pre_hook(_per_token_int8)
+            linear.register_forward_pre_hook(per_token_int8)
+            record(linear, "weight", act_quant=True)
         cast_rest_to_fp16_(model)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.footprint import get_format
+from compactmind.formats import QuantParams, entry, record
 from compactmind.methods._prune_common import check_sparsity
 from compactmind.models import decoder_layers
 from compactmind.registry import Kind, Method, register_method
@@ -36,18 +36,18 @@ def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
 def slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
     """Keep only `index` along `dim` of the weight (0: output rows, 1: input columns)."""
     index = index.to(linear.weight.device)
-    qparams = linear.__dict__.get("_cm_qparams", {}).get("weight")
-    if qparams is not None:  # quantized by an earlier step: keep its scales in step with the kept rows/columns
+    e = entry(linear)
+    q = e.qparams
+    if q is not None:  # quantized by an earlier step: keep its scales in step with the kept rows/columns
         if dim == 0:
-            qparams = dict(qparams, scale=qparams["scale"][index], zero=qparams["zero"][index])
+            q = QuantParams(q.scale[index.to(q.scale.device)], q.zero[index.to(q.zero.device)], q.column_group)
         else:
             cols = linear.weight.shape[1]
-            groups = qparams["column_group"]
+            groups = q.column_group
             if groups is None:
-                group_size = get_format(linear, "weight").group_size or cols
-                groups = torch.arange(cols, device=index.device) // group_size
-            qparams = dict(qparams, column_group=groups[index])
-        linear.__dict__["_cm_qparams"] = {"weight": qparams}
+                groups = torch.arange(cols) // (e.format.group_size or cols)
+            q = QuantParams(q.scale, q.zero, groups[index.cpu()])
+        record(linear, "weight", qparams=q)
     linear.weight = nn.Parameter(linear.weight.data.index_select(dim, index).clone(), requires_grad=False)
     if dim == 0:
         if linear.bias is not None:

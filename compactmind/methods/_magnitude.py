@@ -27,8 +27,8 @@ class Magnitude(UnstructuredPruning):
         if params.sparsity == 0:
             return
         for _, lin in block_linears(model):
-            w = lin.weight
-            write_pruned_(lin, w.masked_fill(lowest_mask(w.abs().float(), params.sparsity), 0), None)
+            mask = lowest_mask(lin.weight.abs().float(), params.sparsity)
+            write_pruned_(lin, lin.weight.masked_fill(mask, 0), mask, None)
 
 
 @register_method("magnitude_nm")
@@ -38,5 +38,5 @@ class MagnitudeNM(NMPruning):
     def apply_(self, model, params, calib, seed):
         n, m = parse_nm(params.pattern)
         for _, lin in block_linears(model):
-            w = lin.weight
-            write_pruned_(lin, w.masked_fill(nm_mask(w.abs().float(), n, m), 0), params.pattern)
+            mask = nm_mask(lin.weight.abs().float(), n, m)
+            write_pruned_(lin, lin.weight.masked_fill(mask, 0), mask, params.pattern)

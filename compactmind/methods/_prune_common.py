@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.footprint import set_format
+from compactmind.formats import Sparsity, entry, record
 from compactmind.methods._sparse import parse_nm
 from compactmind.models import block_linears
 from compactmind.registry import Kind, Method
@@ -31,14 +31,16 @@ def check_sparsity(sparsity: float) -> None:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
-def write_pruned_(linear: nn.Linear, new_weight: torch.Tensor, pattern: str | None) -> None:
-    """Store the pruned weight and record its format (unstructured bitmap, or n:m metadata)."""
+def write_pruned_(linear: nn.Linear, new_weight: torch.Tensor, mask: torch.Tensor, pattern: str | None) -> None:
+    """Store the pruned weight and record its format: sparse (unstructured or n:m) and how many weights the mask
+    (True = pruned) removed."""
     linear.weight.copy_(new_weight.to(linear.weight.dtype))
+    pruned = max(entry(linear).pruned, int(mask.sum()))  # an earlier pruning step's zeros are in this mask too
     if pattern is None:
-        set_format(linear, "weight", sparsity="unstructured")
+        record(linear, "weight", sparsity=Sparsity.UNSTRUCTURED, pruned=pruned)
     else:
         n, m = parse_nm(pattern)
-        set_format(linear, "weight", sparsity="n:m", n=n, m=m)
+        record(linear, "weight", sparsity=Sparsity.NM, n=n, m=m, pruned=pruned)
 
 
 class UnstructuredPruning(Method):

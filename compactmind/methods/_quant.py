@@ -1,15 +1,18 @@
-"""Pure tensor functions for quantization (fake quantization: quantize, then dequantize in the input dtype)."""
+"""Pure tensor functions for quantization (fake quantization: quantize, then dequantize in the input dtype), and\nthe glue the weight-only quantizers share (their parameters, writing a quantized weight, casts)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from compactmind.footprint import narrow_to
+from compactmind.formats import QuantParams, narrow_to, record
 from compactmind.models import block_linears
+from compactmind.registry import Kind, Method
+from compactmind.space import Categorical
 
 
 class Quantized(NamedTuple):
@@ -35,18 +38,6 @@ def quantize_per_row(w: torch.Tensor, bits: int) -> Quantized:
     scale = fp16_scale(wf.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / qmax)
     deq = (wf / scale).round().clamp(-qmax, qmax).mul(scale).to(w.dtype)
     return Quantized(deq, scale, torch.full_like(scale, 2 ** (bits - 1)))
-
-
-def quantize_per_row_(w: torch.Tensor, bits: int) -> torch.Tensor:
-    return quantize_per_row(w, bits).weight
-
-
-def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric dynamic per-token quantization of activations: one scale per token (last dim = channels)."""
-    qmax = 2 ** (bits - 1) - 1
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
-    return (xf / scale).round().clamp(-qmax, qmax).mul(scale).to(x.dtype)
 
 
 def cast_rest_to_fp16_(model: nn.Module) -> None:
@@ -173,21 +164,29 @@ def check_quant(bits: int, group_size: int) -> None:
         raise ValueError(f"group_size must be 0 (one group per row) or positive, got {group_size}")
 
 
-def is_sparse(linear: nn.Linear) -> bool:
-    from compactmind.footprint import get_format
+class WeightQuantizer(Method):
+    """Base of the k-bit weight-only quantizers: `bits`, `group_size` (input columns per scale; 0: one scale per
+    output row) and `symmetric` (zero point fixed at 2^(k-1), or a stored k-bit zero point per group)."""
 
-    return get_format(linear, "weight").sparsity != "dense"
+    kind = Kind.QUANTIZATION
+
+    @dataclass(frozen=True)
+    class Params:
+        bits: int = 4
+        group_size: int = 128
+        symmetric: bool = False
+
+        def __post_init__(self):
+            check_quant(self.bits, self.group_size)
+
+    space = {"bits": Categorical([2, 3, 4, 8]), "group_size": Categorical([128, 0]), "symmetric": Categorical([False])}
 
 
 def write_quantized_(linear: nn.Linear, q: Quantized, bits: int, group_size: int | None, symmetric: bool) -> None:
-    """Store a dequantized weight, record its packed format (codes, FP16 scales, zero points) and keep its
-    scales and zero points (small: one pair per group) for an export."""
-    from compactmind.footprint import set_format
-
+    """Store a dequantized weight and record its packed format: codes, FP16 scales and zero points per group."""
     linear.weight.copy_(q.weight.to(linear.weight.dtype))
-    set_format(linear, "weight", bits=bits, scaled=True, group_size=group_size or None, zero_point=not symmetric)
-    linear.__dict__["_cm_qparams"] = {"weight": {"scale": q.scale.half(), "zero": q.zero.to(torch.uint8),
-                                                 "column_group": None}}
+    record(linear, "weight", bits=bits, scaled=True, group_size=group_size or None, zero_point=not symmetric,
+           qparams=QuantParams(q.scale.half(), q.zero.to(torch.uint8)))
 
 
 @torch.no_grad()

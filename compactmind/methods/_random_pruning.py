@@ -1,7 +1,7 @@
 """Random unstructured pruning: the baseline every pruning method must beat.
 
-Each weight of every linear layer inside the transformer blocks is zeroed with a fixed probability, drawn
-from a seeded generator, exactly `round(sparsity * numel)` weights per layer. No data is used.
+In every linear layer inside the transformer blocks, exactly `round(sparsity * numel)` weights chosen uniformly
+at random (a seeded permutation) are set to zero. No data is used.
 
 Parameters: `sparsity`, the fraction of weights set to zero in each layer.
 """
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from compactmind.footprint import set_format
-from compactmind.methods._prune_common import UnstructuredPruning
+from compactmind.methods._prune_common import UnstructuredPruning, write_pruned_
 from compactmind.models import block_linears
 from compactmind.registry import register_method
 
@@ -33,7 +32,6 @@ class RandomPruning(UnstructuredPruning):
     def apply_(self, model, params, calib, seed):
         generator = torch.Generator().manual_seed(seed)
         for _, linear in block_linears(model):
-            mask = random_mask(linear.weight.shape, params.sparsity, generator)
-            linear.weight.mul_(mask.to(linear.weight.device))
             if params.sparsity > 0:
-                set_format(linear, "weight", sparsity="unstructured")
+                keep = random_mask(linear.weight.shape, params.sparsity, generator).to(linear.weight.device)
+                write_pruned_(linear, linear.weight * keep, ~keep, None)

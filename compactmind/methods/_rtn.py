@@ -12,32 +12,15 @@ Parameters: `bits` (2, 3, 4 or 8); `group_size` (32, 64, 128 ..., or 0 for one g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from compactmind.methods._quant import cast_rest_to_fp16_, check_quant, rtn_quantize, write_quantized_
+from compactmind.methods._quant import WeightQuantizer, cast_rest_to_fp16_, rtn_quantize, write_quantized_
 from compactmind.models import block_linears
-from compactmind.registry import Kind, Method, register_method
-from compactmind.space import Categorical
+from compactmind.registry import register_method
 
 
 @register_method("rtn")
-class RTN(Method):
-    kind = Kind.QUANTIZATION
-
-    @dataclass(frozen=True)
-    class Params:
-        bits: int = 4
-        group_size: int = 128
-        symmetric: bool = False
-
-        def __post_init__(self):
-            check_quant(self.bits, self.group_size)
-
-    space = {"bits": Categorical([2, 3, 4, 8]), "group_size": Categorical([128, 0]),
-             "symmetric": Categorical([False])}
-
+class RTN(WeightQuantizer):
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
         for _, lin in block_linears(model):

@@ -53,13 +53,14 @@ def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float) -> torch.Tens
 
 
 def sparsegpt_(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, nm: tuple[int, int] | None = None,
-               block: int = 128, damp: float = 0.01, update: bool = True) -> torch.Tensor:
+               block: int = 128, damp: float = 0.01, update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune W [rows, cols] to `sparsity` (adaptive mask per block of columns) or n:m, updating
-    the remaining weights with OBS corrections from the Hessian. Returns the pruned weight (float32).
-    update=False: choose the mask the same way but leave the kept weights as they are."""
+    the remaining weights with OBS corrections from the Hessian. Returns the pruned weight (float32) and the
+    mask (True = pruned). update=False: choose the mask the same way but leave the kept weights as they are."""
     W = W.float().clone()
     rows, cols = W.shape
     Hinv = prepare_hessian(H, W, damp)
+    mask = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
@@ -86,6 +87,7 @@ def sparsegpt_(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, nm: tupl
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
         if update:
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+    return W, mask

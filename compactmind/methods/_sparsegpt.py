@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from compactmind.calibration import Hessian, require, sequential_
-from compactmind.footprint import get_format
+from compactmind.formats import get_format
 from compactmind.methods._prune_common import NMPruning, UnstructuredPruning, write_pruned_
 from compactmind.methods._sparse import parse_nm, sparsegpt_
 from compactmind.registry import register_method
@@ -35,7 +35,8 @@ def _prune(model, calib, name, sparsity, pattern):
         for lname, acc in stats.items():
             lin = modules[lname]
             quantized = get_format(lin, "weight").scaled
-            write_pruned_(lin, sparsegpt_(lin.weight, acc.H, sparsity, nm, damp=DAMP, update=not quantized), pattern)
+            pruned, mask = sparsegpt_(lin.weight, acc.H, sparsity, nm, damp=DAMP, update=not quantized)
+            write_pruned_(lin, pruned, mask, pattern)
 
     sequential_(model, samples, lambda _n, lin: Hessian(lin), solve)
 

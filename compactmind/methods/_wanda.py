@@ -32,8 +32,8 @@ def _prune(model, calib, name, mask_of, pattern):
         modules = dict(layer.named_modules())
         for lname, acc in stats.items():
             lin = modules[lname]
-            score = wanda_score(lin.weight, acc.sq)
-            write_pruned_(lin, lin.weight.masked_fill(mask_of(score), 0), pattern)
+            mask = mask_of(wanda_score(lin.weight, acc.sq))
+            write_pruned_(lin, lin.weight.masked_fill(mask, 0), mask, pattern)
 
     sequential_(model, samples, lambda _n, lin: InputNorms(lin), solve)
 

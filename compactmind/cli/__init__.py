@@ -1,0 +1,64 @@
+"""Command line: `compactmind run | create | worker | eval | methods | report | best | export | dashboard`.
+
+The CLI owns argument parsing (parser.py), logging, printing and progress (console.py); each command
+(commands.py) calls one function of the study layer. Bad input ends with one sentence on stderr and a non-zero
+exit code: 1 for a problem with the input or environment, 2 for a malformed command line, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from compactmind.cli.commands import COMMANDS
+from compactmind.cli.parser import apply_study_file, build_parser, parse_config
+from compactmind.errors import CompactMindError
+
+__all__ = ["build_parser", "main", "parse_config"]
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "urllib3", "matplotlib", "PIL", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else logging.WARNING)
+    import warnings
+
+    import optuna
+    import transformers
+
+    # Heartbeats and stale-trial handling work as documented but Optuna still flags them experimental.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Failed trials are reported by our own log line with their reason; Optuna would add a traceback.
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        apply_study_file(parser, argv)
+        args = parser.parse_args(argv)
+    except CompactMindError as exc:
+        print(f"compactmind: error: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except CompactMindError as exc:
+        print(f"compactmind: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compactmind: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

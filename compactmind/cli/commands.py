@@ -1,0 +1,146 @@
+"""The commands: each parses nothing and prints little, and calls one function of the study layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+from compactmind.cli import console
+from compactmind.cli.parser import config_of
+from compactmind.errors import ConfigError
+
+log = logging.getLogger("compactmind")
+
+
+def _writable_dir(path: str) -> Path:
+    """Check (creating nothing yet) that a folder can be made and written."""
+    out = Path(path)
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"Cannot create the output folder {out}: {existing} is not a folder; pass another "
+                          "--output_dir.")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"The output folder {out} is not writable; pass a writable --output_dir.")
+    return out
+
+
+def _run_and_report(session, out_dir: Path | None, worker: bool = False) -> int:
+    from compactmind.study import session as S
+
+    cfg, started = session.config, time.perf_counter()
+    exhaustive = S.STRATEGIES[cfg.strategy].exhaustive
+    done = sum(t.state.is_finished() for t in session.study.get_trials(deepcopy=False)) if exhaustive else 0
+    with console.Progress(len(session.candidates) if exhaustive else cfg.n_trials, done) as progress:
+        interrupted = S.run_trials(session, progress.trial_done, progress.window)
+    if interrupted:
+        log.error("interrupted: the current trial will be re-run when the study resumes")
+    records = session.records()
+    if worker:
+        print(f"worker done: study {records.study} has {len(records.trials)} trials "
+              f"({records.counts.get('COMPLETE', 0)} evaluated)")
+    else:
+        S.write_reports(session.study, records, cfg.storage, out_dir)
+        print(console.summary(records, out_dir, time.perf_counter() - started))
+    return 130 if interrupted else 0
+
+
+def cmd_run(args) -> int:
+    from compactmind.study.session import open_session
+
+    cfg = config_of(args)
+    out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
+    return _run_and_report(open_session(cfg), out_dir)
+
+
+def cmd_create(args) -> int:
+    from compactmind.study.session import open_session
+
+    session = open_session(config_of(args))
+    name = session.study.study_name
+    print(f"study {name} is ready; start workers with: compactmind worker --study_name {name} --storage URL")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from compactmind.study.session import joined_config, open_session
+
+    return _run_and_report(open_session(joined_config(config_of(args))), None, worker=True)
+
+
+def cmd_eval(args) -> int:
+    from compactmind import pipeline as pl
+    from compactmind.trial import Executor, load
+
+    spec = pl.parse(args.pipeline)
+    cfg = config_of(args)
+    loaded, data = load(cfg)
+    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, reusable=False)
+    compressed = executor.compress(spec)
+    result = executor.evaluate(cfg.batch_size)
+    fp = compressed.footprint
+    out = {"pipeline": str(spec), "perplexity": result.perplexity, "compression_ratio": fp.compression_ratio,
+           "bits_per_weight": fp.bits_per_weight, "sparsity": fp.sparsity, "model_bytes": fp.model_bytes,
+           "seq_len": data.seq_len, "windows": result.windows, "tokens": result.tokens,
+           "dtype": str(loaded.dtype).replace("torch.", ""), "compress_seconds": compressed.seconds,
+           "eval_seconds": result.seconds, "data": data.info["label"], "model": loaded.name}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['pipeline']}: perplexity {out['perplexity']:.4f}, compression ratio "
+              f"{out['compression_ratio']:.4f} ({out['bits_per_weight']:.2f} bits/weight), {out['windows']} "
+              f"windows of {out['seq_len']} tokens, {out['dtype']}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+
+    print(console.methods_table())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from compactmind.study.session import open_records, write_reports
+
+    study, records = open_records(args.storage, args.study_name)
+    out_dir = _writable_dir(args.output_dir or f"results/report_{args.study_name}_{datetime.now():%Y%m%d_%H%M%S}")
+    write_reports(study, records, args.storage, out_dir)
+    print(console.summary(records, out_dir))
+    return 0
+
+
+def cmd_best(args) -> int:
+    from compactmind.study.session import open_records
+
+    _, records = open_records(args.storage, args.study_name)
+    print(console.best(records, args.pareto))
+    return 0 if records.best is not None else 1
+
+
+def cmd_export(args) -> int:
+    from compactmind.export import export_trial
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"The export folder {out} already exists and is not empty; pass a new --out.")
+    _writable_dir(str(out))
+    for line in export_trial(config_of(args), args.trial, out, args.verify):
+        print(line)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from compactmind import dashboard
+    from compactmind.study.storage import open_storage
+
+    dashboard.serve(open_storage(args.storage, create=False), args.storage, args.host, args.port, args.artifact_dir)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "create": cmd_create, "worker": cmd_worker, "eval": cmd_eval, "methods": cmd_methods,
+            "report": cmd_report, "best": cmd_best, "export": cmd_export, "dashboard": cmd_dashboard}
+
+

@@ -1,0 +1,206 @@
+"""The study storage: Optuna's RDB storage (SQLite by default, PostgreSQL/MySQL for many machines), opened with
+a heartbeat so a killed trial is failed and retried, URL checks that need no connection, and password masking.
+
+SQLite: writes wait for another process's lock under SQLite's busy timeout and are retried when SQLite refuses
+them at once (SQLiteStorage); processes opening one new file at the same moment take turns creating its tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+
+from compactmind.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5
+GRACE_S = 20
+SQLITE_BUSY_TIMEOUT_S = 30.0  # SQLite's own wait for another process's lock, per statement
+LOCKED_RETRIES = 8  # then ours: the whole write again, after 0.1, 0.2, 0.4 ... 12.8 s
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password masked, for logs and reports."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: mask what looks like credentials
+        return url.split("@")[-1] if "@" in url else url
+
+
+def scrub(text: str, url: str) -> str:
+    """text with the URL's password masked wherever it appears (driver errors may quote the URL)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:  # not parsable: nothing to mask beyond the URL itself
+        password = None
+    return text.replace(url, safe_url(url)).replace(password, "***") if password else text
+
+
+def sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def check_storage(url: str, create: bool = True) -> None:
+    """Checks that need no connection (nothing is created): the URL's form, and for SQLite the file itself."""
+    if "://" not in url:
+        raise StorageError(f"--storage {safe_url(url)!r} is not a database URL; use e.g. sqlite:///storage/study.db "
+                           "or postgresql://user@host/db.")
+    path = sqlite_path(url)
+    if url.startswith("sqlite") and (path is None or str(path) in ("", ":memory:")):
+        raise StorageError("An in-memory SQLite storage would lose the study when the process ends; pass a file, "
+                           "e.g. sqlite:///storage/compactmind.db.")
+    if path is None:
+        return
+    if not path.exists() and not create:
+        raise StorageError(f"The study database {path} does not exist; run a study first or pass --storage.")
+    if path.is_dir():
+        raise StorageError(f"--storage points at the folder {path}; give a database file inside it.")
+    if create:
+        parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise StorageError(f"Cannot create the study database {path}: its folder is not writable.")
+    if path.is_file() and path.stat().st_size > 0:
+        try:
+            with open(path, "rb") as fh:
+                header = fh.read(16)
+        except OSError as exc:
+            raise StorageError(f"The study database {path} cannot be read ({exc.strerror}).") from None
+        if header != b"SQLite format 3\x00":
+            raise StorageError(f"{path} is not an SQLite database; pass another --storage file.")
+        if not create and not _has_studies_table(path):
+            raise StorageError(f"{path} is an SQLite database but holds no Optuna studies; pass the --storage "
+                               "a study was run with.")
+
+
+def _has_studies_table(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() \
+                is not None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+
+
+def _is_locked(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        text = str(exc).lower()
+        if "database is locked" in text or "database is busy" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage on an SQLite file, each write retried with exponential backoff when SQLite refuses
+    it as locked. SQLite waits for a lock under its busy timeout, except when two transactions that both read
+    then want to write would deadlock: then it answers "database is locked" at once and rolls one back, and
+    the write can simply run again. Reads never meet that case, so only the writes are retried."""
+
+    def _retry(self, write, *args, **kwargs):
+        for attempt in range(LOCKED_RETRIES + 1):
+            try:
+                return write(*args, **kwargs)
+            except Exception as exc:  # a locked write was rolled back; anything else is not ours to handle
+                if attempt == LOCKED_RETRIES or not _is_locked(exc):
+                    raise
+                delay = 0.1 * 2 ** attempt
+                log.warning("the study database is locked; retrying in %.1f s", delay)
+                time.sleep(delay)
+
+    def create_new_study(self, *args, **kwargs):
+        return self._retry(super().create_new_study, *args, **kwargs)
+
+    def set_study_user_attr(self, *args, **kwargs):
+        return self._retry(super().set_study_user_attr, *args, **kwargs)
+
+    def set_study_system_attr(self, *args, **kwargs):
+        return self._retry(super().set_study_system_attr, *args, **kwargs)
+
+    def create_new_trial(self, *args, **kwargs):
+        return self._retry(super().create_new_trial, *args, **kwargs)
+
+    def set_trial_param(self, *args, **kwargs):
+        return self._retry(super().set_trial_param, *args, **kwargs)
+
+    def set_trial_state_values(self, *args, **kwargs):
+        return self._retry(super().set_trial_state_values, *args, **kwargs)
+
+    def set_trial_intermediate_value(self, *args, **kwargs):
+        return self._retry(super().set_trial_intermediate_value, *args, **kwargs)
+
+    def set_trial_user_attr(self, *args, **kwargs):
+        return self._retry(super().set_trial_user_attr, *args, **kwargs)
+
+    def set_trial_system_attr(self, *args, **kwargs):
+        return self._retry(super().set_trial_system_attr, *args, **kwargs)
+
+    def record_heartbeat(self, *args, **kwargs):
+        return self._retry(super().record_heartbeat, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _creation_lock(path: Path | None):
+    """Processes opening one new SQLite file at the same moment would race to create its tables (one fails
+    with "table ... already exists"): a lock file beside it lets one create them while the others wait."""
+    if path is None:
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_storage(url: str, create: bool = True, readonly: bool = False) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeat (a killed trial becomes FAIL and is retried once its heartbeat is stale).
+    readonly: for reading a study back (report, best): no write lock taken, no heartbeat."""
+    check_storage(url, create and not readonly)
+    path = sqlite_path(url)
+    writing = not readonly
+    if path is not None and create and writing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if path else {"pool_pre_ping": True}
+    storage_class = SQLiteStorage if path else optuna.storages.RDBStorage
+    try:
+        with warnings.catch_warnings(), _creation_lock(path if writing else None):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
+            heartbeat = {} if readonly else dict(
+                heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **heartbeat)
+    except Exception as exc:  # driver, network and schema errors all end here, as one sentence
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"Cannot open the storage {safe_url(url)}: {scrub(first, url)}; check --storage "
+                           "(an Optuna RDB URL such as sqlite:///storage/compactmind.db).") from exc
+
+
+def study_names(storage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_study(storage, study_name: str) -> optuna.Study:
+    names = study_names(storage)
+    if study_name not in names:
+        known = ", ".join(names) if names else "none"
+        raise StorageError(f"No study named {study_name!r} in this storage (studies there: {known}).")
+    return optuna.load_study(study_name=study_name, storage=storage)
