@@ -23,6 +23,9 @@ DEFAULT_STORAGE = "sqlite:///storage/compactmind.db"
 OBJECTIVES = {
     "perplexity": "minimize",
     "compression_ratio": "maximize",
+    # peak memory of the trial's evaluation: allocated by torch on a GPU; on the CPU the process's resident peak
+    # (model, snapshot and activations), so candidates differ only by what really changes size
+    "peak_memory_bytes": "minimize",
 }
 DEFAULT_OBJECTIVES = ("perplexity", "compression_ratio")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

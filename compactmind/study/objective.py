@@ -209,7 +209,8 @@ def _evaluate(run: TrialRun, compressed: Compressed) -> tuple[float, ...]:
     result = ctx.executor.evaluate(cfg.batch_size, stop=stop, progress=ctx.on_window)
     eval_peak = peak_memory(device)
     run.record(perplexity=result.perplexity, eval_seconds=result.seconds, windows=result.windows,
-               eval_tokens=result.tokens, **{k: max(v, compress_peak.get(k, 0)) for k, v in eval_peak.items()})
+               eval_tokens=result.tokens, **{k: max(v, compress_peak.get(k, 0)) for k, v in eval_peak.items()},
+               peak_memory_bytes=eval_peak.get("peak_device_memory_bytes", eval_peak.get("peak_host_memory_bytes")))
     run.record(window_nll=[round(x, 4) for x in result.window_nll])  # for later like-for-like comparisons
     cap = cfg.ppl_cap_factor * ctx.dense["perplexity"]
     set_constraint(run.trial, "perplexity_cap",
