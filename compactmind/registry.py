@@ -38,6 +38,8 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # Parameters that leave the model unchanged, if the method has such a setting.
     identity: ClassVar[Any] = None
+    # True when the result depends on the seed (random choices); otherwise the seed must not matter.
+    random: ClassVar[bool] = False
 
     def check(self, model, params) -> None:
         """Raise IncompatiblePipelineError if `params` cannot apply to `model`; must be cheap (no calibration)."""

@@ -121,6 +121,3 @@ def test_bad_input_gets_one_clear_sentence(case, env, capsys):
     assert not (env["tmp"] / "new.db").exists()  # no storage created
     assert {p: p.stat().st_mtime_ns for p in env["tmp"].glob("*.db")} == before  # none changed
 
-
-def test_there_are_at_least_25_cases():
-    assert len(CASES) >= 25

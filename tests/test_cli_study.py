@@ -120,6 +120,11 @@ def test_eval_prints_one_json_object(tiny_model_dir, text_file, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["compression_ratio"] == 0.5 and out["seq_len"] == 64 and out["windows"] == 2
     assert out["dtype"] == "float32" and out["perplexity"] > 1
+    # against a 16-bit baseline, FP16 saves nothing
+    assert main(["-q", "eval", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                 "--max_eval_windows", "2", "--data_samples", "1", "--pipeline", "fp16", "--json",
+                 "--baseline_bits", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["compression_ratio"] == 0.0
 
 
 def test_study_file_sets_defaults_and_flags_override(tiny_model_dir, text_file, tmp_path):

@@ -1,6 +1,7 @@
 """The dashboard on a real study: note, artifacts, and the Pareto-front page rendered in headless Chromium."""
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,6 @@ import pytest
 
 from compactmind.cli import main
 
-OUTPUT = Path(__file__).parents[1] / "test-output"
 
 
 def free_port() -> int:
@@ -49,7 +49,7 @@ def test_study_note_and_report_plots_are_in_the_store(study_db):
     assert study.metric_names == ["perplexity", "compression_ratio"]
 
 
-def test_pareto_front_page_shows_the_trials_in_headless_chromium(study_db):
+def test_pareto_front_page_shows_the_trials_in_headless_chromium(study_db, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("Chromium is not installed (scripts/install_test_services.sh installs it as root with apt)")
@@ -71,8 +71,8 @@ def test_pareto_front_page_shows_the_trials_in_headless_chromium(study_db):
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
                  "--virtual-time-budget=15000"]
         dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        OUTPUT.mkdir(exist_ok=True)
-        shot = OUTPUT / "dashboard_pareto_front.png"
+        # COMPACTMIND_SCREENSHOTS=folder keeps the screenshot for a person to look at
+        shot = Path(os.environ.get("COMPACTMIND_SCREENSHOTS") or tmp_path) / "dashboard_pareto_front.png"
         subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     finally:
         server.terminate()

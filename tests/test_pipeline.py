@@ -1,7 +1,7 @@
 import pytest
 
 from compactmind import pipeline as pl
-from compactmind.errors import PipelineError
+from compactmind.errors import IncompatiblePipelineError, PipelineError, RegistryError
 from compactmind.registry import Kind, all_methods, get_method
 
 
@@ -48,9 +48,9 @@ def test_method_subset_and_study_grids():
         "random_pruning(sparsity=0.05) -> int8_sq(alpha=0.6)", "random_pruning(sparsity=0.15) -> int8_sq(alpha=0.6)",
         "int8_sq(alpha=0.6) -> random_pruning(sparsity=0.05)", "int8_sq(alpha=0.6) -> random_pruning(sparsity=0.15)"]
     assert len(pl.candidates(["random_pruning", "int8_sq"], False, grids)) == 3
-    with pytest.raises(Exception, match="sparsity must be"):
+    with pytest.raises(IncompatiblePipelineError, match="sparsity must be"):
         pl.candidates(["random_pruning"], True, {"random_pruning": {"sparsity": [2.0]}})
-    with pytest.raises(Exception, match="Unknown method"):
+    with pytest.raises(RegistryError, match="Unknown method"):
         pl.candidates(["random_pruning", "nope"])
 
 

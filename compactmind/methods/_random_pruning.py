@@ -27,6 +27,7 @@ def random_mask(shape: torch.Size, sparsity: float, generator: torch.Generator) 
 
 @register_method("random_pruning")
 class RandomPruning(UnstructuredPruning):
+    random = True
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
