@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,7 +20,6 @@ from compactmind import models
 from compactmind import pipeline as pl
 from compactmind.trial import Executor
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def rows(group: int) -> list[tuple[str, str]]:
@@ -47,8 +45,8 @@ def rows(group: int) -> list[tuple[str, str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model_path", help="model folder or .gguf (default: SmolLM2-135M)")
-    ap.add_argument("--test", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
-    ap.add_argument("--calib", default=str(SHARED / "wikitext-2" / "wiki.valid.tokens"))
+    ap.add_argument("--test", default=str(D.WIKITEXT_TEST), help="default: the shipped WikiText-2 raw test variant")
+    ap.add_argument("--calib", default=str(D.WIKITEXT_VALID), help="default: the shipped WikiText-2 validation split")
     ap.add_argument("--seq_len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--samples", type=int, default=16)
@@ -58,7 +56,7 @@ def main() -> int:
 
     device = models.pick_device(gpu=args.gpu)
     loaded = models.load_model(args.model_path, device, torch.float32 if device.type == "cpu" else torch.float16)
-    data = D.prepare(loaded.tokenizer, D.Sources(Path(args.test), Path(args.calib), "wikitext-2"), args.seq_len,
+    data = D.prepare(loaded.tokenizer, D.resolve_sources(args.test, args.calib), args.seq_len,
                      args.samples, args.windows, seed=0)
     executor = Executor(loaded, data)
     print(f"model {loaded.name}, {data.info['windows']} windows x {args.seq_len} tokens of {args.test}, "

@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-
 
 def corpus_text(n_chars: int = 120_000) -> str:
     from pydoc_data.topics import topics

@@ -62,7 +62,7 @@ CASES = {
     "unreadable data file": (lambda e: run(e, data="/proc/self/mem"), "cannot be read"),
     "empty data file": (lambda e: run(e, data=str(e["tmp"] / "empty.txt")), "is empty"),
     "binary data file": (lambda e: run(e, data=str(e["tmp"] / "binary.bin")), "looks binary"),
-    "data shorter than one window": (lambda e: run(e, data=str(e["tmp"] / "short.txt")), "too few"),
+    "data shorter than one window": (lambda e: run(e, data=str(e["tmp"] / "short.txt")), "fewer than one window"),
     "data folder without a test file": (lambda e: run(e, data=str(e["tmp"] / "empty_model")), "no test text file"),
     "target ratio above 1": (lambda e: run(e, "--target_ratio", "1.5"), "--target_ratio must be"),
     "target ratio below 0": (lambda e: run(e, "--target_ratio", "-0.1"), "--target_ratio must be"),

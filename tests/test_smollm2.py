@@ -13,7 +13,7 @@ from compactmind.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 
-WIKI = D.SHARED_WIKITEXT_TEST
+WIKI = D.WIKITEXT_TEST  # shipped with the package
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,9 @@ def smollm2():
     return models.load_model(None, torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.skipif(not WIKI.is_file(), reason=f"WikiText-2 test file not found at {WIKI}")
 def test_perplexity_equals_plain_labels_loop_on_four_2048_windows(smollm2):
     """Our figure vs exp(mean(model(w, labels=w).loss)) on the first 4 windows of 2048 tokens, FP32."""
-    ds = D.prepare(smollm2.tokenizer, D.Sources(WIKI, None, "wikitext-2 test"), 2048, 1, max_eval_windows=4)
+    ds = D.prepare(smollm2.tokenizer, D.resolve_sources(None, None), 2048, 1, max_eval_windows=4)
     # The plain protocol tokenizes the whole file as it is on disk; our first 4 windows are its first 8192 tokens.
     ids = D.tokenize(smollm2.tokenizer, WIKI.read_text(encoding="utf-8"))
     windows = ids[: 4 * 2048].view(4, 2048)
@@ -52,7 +51,6 @@ def test_a_short_study_on_smollm2(tmp_path, capsys):
     assert report["best"]["pipeline"].startswith("int8_sq") and report["best"]["compression_ratio"] > 0.6
 
 
-@pytest.mark.skipif(not D.SHARED_WIKITEXT_VALID.is_file(), reason="WikiText-2 validation file not found")
 def test_published_orderings_hold_on_smollm2(smollm2):
     """The quality bars that fit CI's time (scripts/quality.py prints the whole table)."""
     from compactmind import pipeline as pl
@@ -60,7 +58,7 @@ def test_published_orderings_hold_on_smollm2(smollm2):
 
     # 16 x 256 calibration tokens: with fewer tokens than the widest layer's inputs (1536) the Hessians are
     # singular and GPTQ's edge over RTN shrinks to noise (4 samples: 113.6 vs 122.2 at W3).
-    ds = D.prepare(smollm2.tokenizer, D.Sources(WIKI, D.SHARED_WIKITEXT_VALID, "wikitext-2"), 256, 16,
+    ds = D.prepare(smollm2.tokenizer, D.resolve_sources(None, None), 256, 16,
                    max_eval_windows=4)
     snap = models.Snapshot(smollm2.model)
     rows = {"dense": "dense", "magnitude": "magnitude(sparsity=0.5)", "wanda": "wanda(sparsity=0.5)",
@@ -82,7 +80,7 @@ def test_export_of_smollm2_is_smaller_on_disk_and_gives_the_same_perplexity(smol
     from compactmind import pipeline as pl
     from compactmind.footprint import Reference, measure
 
-    ds = D.prepare(smollm2.tokenizer, D.resolve_sources(str(WIKI) if WIKI.is_file() else None, None), 256, 1,
+    ds = D.prepare(smollm2.tokenizer, D.resolve_sources(None, None), 256, 1,
                    max_eval_windows=2)
     snap = models.Snapshot(smollm2.model)
     reference = Reference.of(smollm2.model)

@@ -1,0 +1,1 @@
+"""Text corpora shipped with compactmind (each folder has its LICENSE.md)."""
