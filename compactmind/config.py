@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from typing import Any
 from compactmind.errors import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///storage/compactmind.db"
+STORAGE_ENV = "COMPACTMIND_STORAGE"  # a storage URL (with its password) kept out of the command line and `ps`
+
+
+def default_storage() -> str:
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 # Every objective a study can optimise, declared once: name -> direction. A trial records each under its name.
 OBJECTIVES = {
@@ -26,8 +32,16 @@ OBJECTIVES = {
     # peak memory of the trial's evaluation: allocated by torch on a GPU; on the CPU the process's resident peak
     # (model, snapshot and activations), so candidates differ only by what really changes size
     "peak_memory_bytes": "minimize",
+    # dynamic studies choose on selection windows of validation text, never on the test windows
+    "selection_perplexity": "minimize",
+    "selection_kl": "minimize",  # mean KL divergence from the dense model's next-token distributions
 }
 DEFAULT_OBJECTIVES = ("perplexity", "compression_ratio")
+# The quality objective of a study: what `best` minimises among feasible trials (test perplexity for a static
+# study; the fitness on selection windows for a dynamic one, whose chosen trials are then measured on the test).
+QUALITY = {"ppl": "selection_perplexity", "kl": "selection_kl"}
+FITNESS = tuple(QUALITY)
+GRANULARITIES = ("block", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that belong to one process, not to the study: a worker or a resumed run brings its own.
@@ -45,19 +59,25 @@ class RunConfig:
     max_eval_windows: int | None = None
     data_samples: int = 10
     batch_size: int = 1
-    strategy: str = "grid"
+    strategy: str | None = None  # None: grid for a static study, evopress for a dynamic one
     methods: tuple[str, ...] | None = None
     grids: dict | None = None  # {method: {param: [values]}} from a study file
     no_hybrids: bool = False
     seed: int = 0
     ppl_cap_factor: float = 10.0
-    dominance_margin: float = 2.0  # stop a candidate whose running ppl is this many times a dominating trial's
+    dominance_margin: float | None = None  # stop a candidate running this many times worse than a better one's
+    # (None: 2 for a static study; 1 for a dynamic one, EvoPress's multi-step selection)
     no_early_stop: bool = False
     baseline_bits: int = 32
-    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    objectives: tuple[str, ...] | None = None  # None: the quality objective and compression_ratio
+    dynamic: bool = False  # a compression level per unit, assembled from a database of pre-compressed units
+    granularity: str = "block"  # the unit of a dynamic study: a decoder block, or each linear layer in it
+    fitness: str = "ppl"  # a dynamic study's selection score: perplexity or KL divergence to the dense model
+    selection_windows: int = 4  # windows of the calibration text a dynamic study selects on
+    levels_dir: str | None = None  # where a dynamic study's level database lives (default: beside the storage)
     gpu: bool = False
     cpu: bool = False
-    storage: str = DEFAULT_STORAGE
+    storage: str = dataclasses.field(default_factory=default_storage)
     study_name: str | None = None
     output_dir: str | None = None
     n_trials: int | None = None  # budget for non-exhaustive strategies (None: until --timeout, or 100 without one)
@@ -66,6 +86,12 @@ class RunConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
+        if self.strategy is None:
+            object.__setattr__(self, "strategy", "evopress" if self.dynamic else "grid")
+        if self.objectives is None:
+            object.__setattr__(self, "objectives", (self.quality, "compression_ratio"))
+        if self.dominance_margin is None:
+            object.__setattr__(self, "dominance_margin", 1.0 if self.dynamic else 2.0)
         for name in ("model_path", "data_path", "calib_path"):  # a study is joined from other folders too
             value = getattr(self, name)
             if value and Path(value).expanduser().exists():
@@ -101,6 +127,9 @@ class RunConfig:
              f"--methods names a method twice ({', '.join(self.methods or ())}); name each once."),
             (self.study_name is None or 0 < len(self.study_name) <= 200 and self.study_name.isprintable(),
              "--study_name must be 1 to 200 printable characters."),
+            (self.granularity in GRANULARITIES, f"--granularity must be one of {', '.join(GRANULARITIES)}."),
+            (self.fitness in FITNESS, f"--fitness must be one of {', '.join(FITNESS)}."),
+            (self.selection_windows >= 1, f"--selection_windows must be at least 1, got {self.selection_windows}."),
         ]
         for ok, message in rules:
             if not ok:
@@ -109,9 +138,19 @@ class RunConfig:
         if unknown or len(set(self.objectives)) != len(self.objectives):
             raise ConfigError(f"--objectives {','.join(self.objectives)} is not a list of distinct objectives from: "
                               f"{', '.join(OBJECTIVES)}.")
-        if not {"perplexity", "compression_ratio"} <= set(self.objectives):
-            raise ConfigError("--objectives must include perplexity and compression_ratio (the target ratio and the "
-                              "best configuration are defined on them).")
+        if not {self.quality, "compression_ratio"} <= set(self.objectives):
+            raise ConfigError(f"--objectives must include {self.quality} and compression_ratio (the target ratio and "
+                              "the best configuration are defined on them).")
+        if self.dynamic and STRATEGIES[self.strategy].exhaustive:
+            raise ConfigError(f"A dynamic study has a level per unit, far too many profiles for --strategy "
+                              f"{self.strategy}; use evopress, tpe, nsga2, random, qmc or gp.")
+        if not self.dynamic and STRATEGIES[self.strategy].levels_only:
+            raise ConfigError(f"--strategy {self.strategy} searches a level per unit; add --dynamic.")
+
+    @property
+    def quality(self) -> str:
+        """The objective `best` minimises: test perplexity, or a dynamic study's selection fitness."""
+        return QUALITY[self.fitness] if self.dynamic else "perplexity"
 
     @property
     def hybrids(self) -> bool:

@@ -42,6 +42,7 @@ def note(records: StudyRecords, storage_url: str) -> str:
     lines = [f"## compactmind study `{records.study}`", "",
              f"- **model**: {model.get('name', '-')} ({model.get('parameters', 0):,} parameters) from "
              f"`{model.get('source', '-')}`",
+             *([f"- **source**: {records.source_note}"] if records.source_note else []),
              f"- **data**: {data.get('label', '-')}; calibration: {data.get('calib_source', '-')}",
              f"- **protocol**: {protocol.get('windows', '-')} windows of {protocol.get('seq_len', '-')} tokens, "
              f"{protocol.get('dtype', '-')}, {protocol.get('data_samples', '-')} calibration samples, seed "
@@ -82,17 +83,31 @@ def publish(study: optuna.Study, records: StudyRecords, storage_url: str, report
         log.warning("could not attach the report plots to the study in %s: %s", folder, exc.strerror or exc)
 
 
-def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None = None) -> None:
+def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None = None,
+          access_log: bool = False) -> None:
+    """optuna-dashboard's WSGI app on a local server; one log line per request only with access_log."""
     try:
         import optuna_dashboard
     except ImportError:
         raise ConfigError("optuna-dashboard is not installed; pip install 'compactmind[dashboard]'.") from None
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
     from optuna.artifacts import FileSystemArtifactStore
+
+    class Handler(WSGIRequestHandler):
+        def log_message(self, format, *args):
+            if access_log:
+                super().log_message(format, *args)
 
     folder = artifact_dir(storage_url, artifacts)
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"optuna-dashboard on {safe_url(storage_url)}: http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(folder)))
     try:
-        optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
+        server = make_server(host, port, app, handler_class=Handler)
     except OSError as exc:
         raise ConfigError(f"Cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port.") from None
+    print(f"optuna-dashboard on {safe_url(storage_url)}: http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

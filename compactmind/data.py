@@ -4,9 +4,10 @@ Protocol (GPTQ / SparseGPT / Wanda): the evaluation text is tokenized once, as i
 tokenizer's defaults, and cut into consecutive non-overlapping windows of `seq_len` tokens; an optional cap
 keeps the first N windows. Calibration samples are `seq_len`-token windows drawn (under the seed) from a
 separate calibration text, never from the evaluation text: --calib_path, else a train/valid file beside the
-evaluation file, else the WikiText-2 validation split shipped with compactmind. A dynamic study also takes its
-selection windows from the calibration text: the first ones, consecutive, and the calibration samples from what
-follows them, so selection, calibration and evaluation never share a token.
+evaluation file, else the WikiText-2 validation split shipped with compactmind. Calibration samples come from the
+first three quarters of that text; a dynamic study takes its selection windows from the last quarter, so
+selection, calibration and evaluation never share a token (and the selection settings do not change the
+calibration samples, so a level database serves every selection setting).
 
 Without --data_path the evaluation text is the WikiText-2 raw test split shipped with compactmind (a variant
 with blank lines removed; see corpora/wikitext-2/LICENSE.md). `--data_path builtin:pydoc` picks the Python
@@ -150,20 +151,26 @@ class Dataset:
     selection: torch.Tensor | None = None  # [selection_windows, seq_len] from the calibration text (dynamic)
 
 
+SELECTION_SHARE = 4  # the last quarter of the calibration text holds a dynamic study's selection windows
+
+
 def prepare(tokenizer, sources: Sources | Texts, seq_len: int, data_samples: int,
             max_eval_windows: int | None = None, seed: int = 0, selection_windows: int = 0) -> Dataset:
     texts = sources if isinstance(sources, Texts) else sources.read()
     sources = texts.sources
     tokens = tokenize(tokenizer, texts.eval)
     calib_tokens = tokenize(tokenizer, texts.calib)
-    reserved = selection_windows * seq_len
-    if calib_tokens.numel() < reserved + seq_len + 1:
-        raise DataError(f"The calibration text {sources.calib_path} has {calib_tokens.numel()} tokens, fewer than "
-                        f"{selection_windows} selection windows and one calibration sample of {seq_len}; pass a "
-                        "longer --calib_path or a smaller --seq_len.")
-    selection = calib_tokens[:reserved].view(selection_windows, seq_len) if selection_windows else None
-    pool = calib_tokens[reserved:]
-    starts = torch.randint(0, pool.numel() - seq_len + 1, (data_samples,), generator=torch.Generator().manual_seed(seed))
+    split = calib_tokens.numel() - calib_tokens.numel() // SELECTION_SHARE
+    pool, held_out = calib_tokens[:split], calib_tokens[split:]
+    if pool.numel() < seq_len + 1 or held_out.numel() < selection_windows * seq_len:
+        raise DataError(f"The calibration text {sources.calib_path} has {calib_tokens.numel()} tokens: too few for "
+                        f"calibration samples of {seq_len} tokens from its first three quarters"
+                        + (f" and {selection_windows} selection windows from its last quarter" if selection_windows
+                           else "") + "; pass a longer --calib_path or a smaller --seq_len.")
+    selection = held_out[: selection_windows * seq_len].view(selection_windows, seq_len) if selection_windows \
+        else None
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, pool.numel() - seq_len + 1, (data_samples,), generator=g)
     calib = torch.stack([pool[s:s + seq_len] for s in starts.tolist()])
     available = tokens.numel() // seq_len
     if available < 1:
@@ -174,7 +181,14 @@ def prepare(tokenizer, sources: Sources | Texts, seq_len: int, data_samples: int
             "corpus_tokens": int(tokens.numel()), "calib_source": sources.calib_label,
             "windows_available": available, "windows": used, "eval_tokens": used * seq_len,
             "calib_samples": data_samples, "calib_tokens": int(calib.numel())}
+    windows = tokens[: used * seq_len].view(used, seq_len)
+    info.update(eval_ids=_digest(windows), calib_ids=_digest(calib))  # content, not paths: what a study compares
     if selection_windows:
-        info.update(selection_windows=selection_windows, selection_source=f"the first {reserved} tokens of the "
-                    "calibration text (calibration samples are drawn after them)")
-    return Dataset(tokens[: used * seq_len].view(used, seq_len), calib, seq_len, info, selection)
+        info.update(selection_ids=_digest(selection), selection_windows=selection_windows,
+                    selection_source=f"{selection_windows} consecutive windows from the start of the calibration "
+                    "text's last quarter (calibration samples come from the first three quarters)")
+    return Dataset(windows, calib, seq_len, info, selection)
+
+
+def _digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -3,7 +3,8 @@
 Each window is scored on its own (no context carried over); the loss of a window is the mean NLL of its
 seq_len - 1 next-token predictions, as `model(w, labels=w).loss` computes it. For models whose head is a plain
 linear layer the loss is computed in chunks of positions, so full-vocabulary FP32 logits for a whole batch are
-never materialised; the result is the same number.
+never materialised; the result is the same number. The KL divergence to a reference model's next-token
+distributions (EvoPress's fitness) is computed the same way, against the reference's stored log-probabilities.
 """
 
 from __future__ import annotations
@@ -34,11 +35,7 @@ class Perplexity:
 
 def running_perplexity(window_nll, seq_len: int) -> list[float]:
     """Perplexity over the first k windows of a recorded `window_nll`, for k = 1, 2, ..."""
-    out, total = [], 0.0
-    for k, nll in enumerate(window_nll, 1):
-        total += nll
-        out.append(math.exp(min(total / (k * (seq_len - 1)), 700.0)))
-    return out
+    return [math.exp(min(mean, 700.0)) for mean in running_mean(window_nll, seq_len)]
 
 
 def _split_model(model: nn.Module):
@@ -49,18 +46,45 @@ def _split_model(model: nn.Module):
     return None, None
 
 
-@torch.inference_mode()
-def window_nll(model: nn.Module, batch: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Sum of next-token NLL for each window of `batch` [B, L] -> [B] (float64)."""
+def _chunks(model: nn.Module, batch: torch.Tensor, chunk: int = 512):
+    """(logits [B, c, V] float32, targets [B, c]) over the next-token predictions of `batch` [B, L], a chunk of
+    positions at a time where the head is a plain linear layer (never the whole batch's FP32 logits at once)."""
     body, head = _split_model(model)
     targets = batch[:, 1:]
     if body is None:
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        return _token_nll(logits, targets).sum(1)
+        yield model(input_ids=batch, use_cache=False).logits[:, :-1].float(), targets
+        return
     hidden = body(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
-    total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
     for s in range(0, hidden.shape[1], chunk):
-        total += _token_nll(head(hidden[:, s:s + chunk]).float(), targets[:, s:s + chunk]).sum(1)
+        yield head(hidden[:, s:s + chunk]).float(), targets[:, s:s + chunk]
+
+
+@torch.inference_mode()
+def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL for each window of `batch` [B, L] -> [B] (float64)."""
+    total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
+    for logits, targets in _chunks(model, batch):
+        total += _token_nll(logits, targets).sum(1)
+    return total
+
+
+@torch.inference_mode()
+def window_logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [B, L-1, V] (float16, on the CPU): a reference for KL divergence."""
+    return torch.cat([F.log_softmax(logits, -1).clamp(min=-60).half().cpu() for logits, _ in _chunks(model, batch)], 1)
+
+
+@torch.inference_mode()
+def window_kl(model: nn.Module, batch: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of KL(reference || model) for each window of `batch` [B, L] -> [B] (float64);
+    `reference` [B, L-1, V] holds the reference model's log-probabilities (window_logprobs)."""
+    total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
+    done = 0
+    for logits, _ in _chunks(model, batch):
+        ref = reference[:, done:done + logits.shape[1]].to(logits.device).float()
+        ref = ref - ref.logsumexp(-1, keepdim=True)  # stored in FP16: normalised again, so KL is never below 0
+        done += logits.shape[1]
+        total += (ref.exp() * (ref - F.log_softmax(logits, -1))).sum(-1).double().sum(1)
     return total
 
 
@@ -71,29 +95,70 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(b * n, v), targets.reshape(b * n), reduction="none").double().view(b, n)
 
 
+def _scan(model: nn.Module, windows: torch.Tensor, batch_size: int, window_sums, to_value, stop, progress):
+    """Score `windows` [N, L] in order: window_sums(batch, first index) -> per-window loss sums; to_value(mean
+    loss per token) -> the figure stop(figure so far, windows done) sees. Returns (mean, done, reason, sums)."""
+    device = next(model.parameters()).device
+    total, done, reason, sums = 0.0, 0, None, []
+    per_window = windows.shape[1] - 1
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i:i + batch_size].to(device)
+        part = window_sums(batch, i).tolist()
+        sums += part
+        total += sum(part)
+        done += batch.shape[0]
+        if progress:
+            progress(done, windows.shape[0])
+        running = total / (done * per_window)
+        if not math.isfinite(running):
+            break
+        if stop is not None and done < windows.shape[0]:
+            reason = stop(to_value(running), done)
+            if reason:
+                break
+    return total / (done * per_window), done, reason, sums
+
+
+def _exp(nll: float) -> float:
+    return math.exp(nll) if math.isfinite(nll) and nll < 700 else (math.inf if nll == nll else math.nan)
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
                stop: Callable[[float, int], str | None] | None = None,
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """Evaluate `windows` [N, L] in order. `stop(running_ppl, windows_done)` may return a reason to stop early."""
-    device = next(model.parameters()).device
     start = time.perf_counter()
-    nll_sum, done, reason, nlls = 0.0, 0, None, []
-    per_window = windows.shape[1] - 1
-    for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i:i + batch_size].to(device)
-        sums = window_nll(model, batch).tolist()
-        nlls += sums
-        nll_sum += sum(sums)
-        done += batch.shape[0]
-        if progress:
-            progress(done, windows.shape[0])
-        running = nll_sum / (done * per_window)
-        if not math.isfinite(running):
-            break
-        if stop is not None and done < windows.shape[0]:
-            reason = stop(math.exp(min(running, 700.0)), done)
-            if reason:
-                break
-    nll = nll_sum / (done * per_window)
-    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else (math.inf if nll == nll else math.nan)
-    return Perplexity(ppl, nll, done, done * windows.shape[1], time.perf_counter() - start, reason, tuple(nlls))
+    nll, done, reason, sums = _scan(model, windows, batch_size, lambda batch, _i: window_nll(model, batch),
+                                    lambda mean: math.exp(min(mean, 700.0)), stop, progress)
+    return Perplexity(_exp(nll), nll, done, done * windows.shape[1], time.perf_counter() - start, reason, tuple(sums))
+
+
+@dataclass(frozen=True)
+class Divergence:
+    kl: float  # mean KL(reference || model) per predicted token (nats)
+    windows: int
+    tokens: int
+    seconds: float
+    stopped: str | None = None
+    window_kl: tuple[float, ...] = ()  # summed KL of each evaluated window, in order
+
+
+def kl_divergence(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_size: int = 1,
+                  stop: Callable[[float, int], str | None] | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Divergence:
+    """Mean KL divergence from the reference model's next-token distributions (`reference` [N, L-1, V] from
+    window_logprobs) to this model's, over `windows` [N, L] in order; `stop(running KL, windows done)`."""
+    start = time.perf_counter()
+    kl, done, reason, sums = _scan(
+        model, windows, batch_size, lambda batch, i: window_kl(model, batch, reference[i:i + batch.shape[0]]),
+        lambda mean: mean, stop, progress)
+    return Divergence(kl, done, done * windows.shape[1], time.perf_counter() - start, reason, tuple(sums))
+
+
+def running_mean(window_sums, seq_len: int) -> list[float]:
+    """Mean per-token loss over the first k windows of recorded per-window sums, for k = 1, 2, ..."""
+    out, total = [], 0.0
+    for k, value in enumerate(window_sums, 1):
+        total += value
+        out.append(total / (k * (seq_len - 1)))
+    return out

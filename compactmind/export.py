@@ -26,6 +26,9 @@ from compactmind.footprint import parameters
 
 log = logging.getLogger(__name__)
 
+VERIFY_TOLERANCE = 1e-4  # relative: the same weights on the same windows give the same perplexity to ~1e-6
+W8A8_TOLERANCE = 2e-2  # compressed-tensors W8A8 in transformers: activations are not quantized there
+DENSE_TOLERANCE = 1e-2  # a dense FP16 checkpoint rounds k-bit weights to FP16
 _FLOAT_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _FLOATS_BY_BITS = {16: (torch.float16, torch.bfloat16), 32: (torch.float32,)}
 
@@ -162,46 +165,127 @@ def pick_trial(records, which: str):
     return found
 
 
-def export_trial(local: RunConfig, which: str, out: Path, verify: bool) -> list[str]:
-    """Re-apply a trial's pipeline to the study's model (same calibration data and seed), write the folder, and
-    optionally reload it and re-measure its perplexity. Returns the lines to print."""
+def _methods_of(trial, records) -> list[list[str]]:
+    """The method names of each pipeline the trial applies (every level a dynamic profile uses)."""
     from compactmind import pipeline as pl
-    from compactmind.evaluate import perplexity
-    from compactmind.study.session import joined_config, open_records
-    from compactmind.trial import Executor, load
 
-    _, records = open_records(local.storage, local.study_name)
+    if trial.get("profile") is not None:
+        levels = (records.dynamic or {}).get("levels", [])
+        labels = [levels[i] for i in sorted(set(trial.get("profile")))]
+    else:
+        labels = [trial.pipeline]
+    return [[s.method for s in pl.parse(label).steps] for label in labels]
+
+
+def export_trial(local: RunConfig, which: str, out: Path, verify: bool, fmt: str = "packed") -> list[str]:
+    """Re-apply a trial's pipeline to the study's model (same calibration data and seed), write the folder in
+    `fmt` (packed, compressed-tensors, dense), and optionally reload it and re-measure its perplexity. Returns
+    the lines to print."""
+    from compactmind import deploy
+    from compactmind.study.session import joined_config, open_records
+
+    study, records = open_records(local.storage, local.study_name)
     trial = pick_trial(records, which)
+    refused = deploy.refusal(_methods_of(trial, records), fmt)
+    if refused:
+        raise ConfigError(refused)
     cfg = joined_config(local)
-    loaded, data = load(cfg)
-    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, reusable=False)
-    log.info("re-applying trial %d: %s", trial.number, trial.pipeline)
-    fp = executor.compress(pl.parse(trial.pipeline)).footprint
-    if fp.model_bytes != trial.get("model_bytes"):
-        log.warning("the re-applied pipeline takes %d bytes, the trial recorded %s", fp.model_bytes,
-                    trial.get("model_bytes"))
+    loaded, data, fp, dense_bytes = _rebuild(cfg, study, trial)
     figures = ("perplexity", "compression_ratio", "bits_per_weight", "sparsity", "model_bytes", "dtype", "status")
     manifest = {"study": records.study, "trial": trial.number, "pipeline": trial.pipeline,
-                "steps": trial.get("steps"), "model": records.model, "data": records.data,
+                "steps": trial.get("steps"), "profile": trial.get("profile"),
+                "levels": (records.dynamic or {}).get("levels"), "model": records.model, "data": records.data,
                 "protocol": records.protocol, "target_ratio": records.target_ratio, "dense": records.dense,
                 "trial_figures": {k: trial.get(k) for k in figures},
                 "exported_figures": {"compression_ratio": fp.compression_ratio, "model_bytes": fp.model_bytes,
                                      "bits_per_weight": fp.bits_per_weight, "sparsity": fp.sparsity}}
+    writers = {"packed": lambda: write(loaded.model, loaded.tokenizer, out, manifest, cfg.baseline_bits),
+               "compressed-tensors": lambda: deploy.write_compressed_tensors(loaded.model, loaded.tokenizer, out,
+                                                                             manifest),
+               "dense": lambda: deploy.write_dense(loaded.model, loaded.tokenizer, out, manifest)}
     try:
-        manifest = write(loaded.model, loaded.tokenizer, out, manifest, cfg.baseline_bits)
+        manifest = writers[fmt]()
     except OSError as exc:
         raise ConfigError(f"Cannot write the export folder {out}: {exc.strerror or exc}.") from None
-    dense_bytes = executor.reference.dense_bytes
+    stored = manifest["stored_tensor_bytes"]
     lines = [f"exported trial {trial.number} ({trial.pipeline}) to {out}/",
-             f"weights: {manifest['stored_tensor_bytes'] / 2**20:.2f} MiB stored = ratio "
-             f"{1 - manifest['stored_tensor_bytes'] / dense_bytes:.4f} against the dense weights at "
-             f"{cfg.baseline_bits} bits ({dense_bytes / 2**20:.2f} MiB); recorded ratio {fp.compression_ratio:.4f}"]
+             f"weights: {stored / 2**20:.2f} MiB stored = ratio {1 - stored / dense_bytes:.4f} against the dense "
+             f"weights at {cfg.baseline_bits} bits ({dense_bytes / 2**20:.2f} MiB); recorded ratio "
+             f"{fp.compression_ratio:.4f}" if fmt == "packed" else
+             f"weights: {stored / 2**20:.2f} MiB stored in {fmt} (the study's ratio {fp.compression_ratio:.4f} counts "
+             "the packed format's bytes)"]
     if verify:
-        device, loaded, executor = loaded.device, None, None  # free the compressed copy before loading the export
-        result = perplexity(packed.load(out, device=device), data.windows, cfg.batch_size)
-        manifest["verified_perplexity"] = result.perplexity
-        tmp = out / f".{packed.MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        os.replace(tmp, out / packed.MANIFEST)
-        lines.append(f"reloaded perplexity {result.perplexity:.4f} (trial: {trial.perplexity})")
+        device = loaded.device
+        del loaded  # free the compressed copy before loading the export
+        lines.append(_verify(out, fmt, manifest, trial, data.windows, cfg.batch_size, device, lines))
     return lines
+
+
+def _rebuild(cfg: RunConfig, study, trial):
+    """The study's model and data (refused when their content changed), compressed as the trial was."""
+    from compactmind import pipeline as pl
+    from compactmind.study.session import candidates_of, check_identity, study_identity
+    from compactmind.trial import Executor, load
+
+    loaded, data = load(cfg)
+    candidates = candidates_of(cfg, loaded.model)
+    check_identity(study, study_identity(loaded, data, cfg, candidates))
+    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, reusable=cfg.dynamic)
+    log.info("re-applying trial %d: %s", trial.number, trial.pipeline)
+    if cfg.dynamic:  # read (or rebuild) the study's level database, then assemble the trial's profile
+        from compactmind.study.profiles import open_levels
+        from compactmind.study.spaces import LevelSpace
+
+        db = open_levels(cfg, executor, candidates)
+        fp = executor.assemble(db, LevelSpace.profile_of(trial.params, [u.name for u in db.units])).footprint
+    else:
+        fp = executor.compress(pl.parse(trial.pipeline)).footprint
+    if fp.model_bytes != trial.get("model_bytes"):
+        log.warning("the re-applied pipeline takes %d bytes, the trial recorded %s", fp.model_bytes,
+                    trial.get("model_bytes"))
+    return loaded, data, fp, executor.reference.dense_bytes
+
+
+def _tolerance(fmt: str, manifest: dict) -> float:
+    """How far a reloaded perplexity may stray: packed and k-bit compressed-tensors store the evaluated weights
+    exactly; transformers does not quantize a W8A8 model's activations; FP16 rounds k-bit weights."""
+    if fmt == "dense":
+        return DENSE_TOLERANCE
+    if fmt == "compressed-tensors" and manifest["format"].get("format") != "pack-quantized":
+        return W8A8_TOLERANCE
+    return VERIFY_TOLERANCE
+
+
+def _verify(out: Path, fmt: str, manifest: dict, trial, windows, batch_size: int, device, lines: list) -> str:
+    from compactmind.evaluate import perplexity
+
+    result = perplexity(reload(out, fmt, device), windows, batch_size)
+    manifest["verified_perplexity"] = result.perplexity
+    tmp = out / f".{packed.MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, out / packed.MANIFEST)
+    line = f"reloaded perplexity {result.perplexity:.4f} (trial: {trial.perplexity})"
+    tolerance = _tolerance(fmt, manifest)
+    if trial.perplexity is not None and abs(result.perplexity / trial.perplexity - 1) > tolerance:
+        raise ExportMismatch(f"The exported model's perplexity {result.perplexity:.6g} differs from trial "
+                             f"{trial.number}'s {trial.perplexity:.6g} by more than {tolerance:.0e} (relative): the "
+                             "model, data or method is not what the study measured.", lines + [line])
+    return line
+
+
+def reload(folder: Path, fmt: str, device) -> nn.Module:
+    """The written folder loaded back as a user loads it: packed through its own loader, the others through
+    transformers alone."""
+    if fmt == "packed":
+        return packed.load(folder, device=device)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+
+
+class ExportMismatch(ConfigError):
+    """--verify measured another perplexity than the trial's (the folder is written; the lines say what)."""
+
+    def __init__(self, message: str, lines: list[str]):
+        super().__init__(message)
+        self.lines = lines

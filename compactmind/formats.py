@@ -46,6 +46,7 @@ class TensorFormat:
     sparsity: Sparsity = Sparsity.DENSE
     n: int = 0  # N:M pattern, when sparsity is NM
     m: int = 0
+    cast: str | None = None  # the 16-bit float type a cast stored the values in: "float16" or "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,17 @@ def record(module: nn.Module, param: str = "weight", *, qparams: QuantParams | N
     module.__dict__[LEDGER] = ledger
 
 
-def narrow_to(module: nn.Module, param: str, bits: int) -> None:
-    """Record a float cast to `bits` (never widening what an earlier step already narrowed)."""
-    current = get_format(module, param).bits
-    record(module, param, bits=bits if current is None else min(current, bits))
+def narrow_to(module: nn.Module, param: str, dtype: torch.dtype) -> None:
+    """Record a cast to a 16-bit float type (never widening what an earlier step already narrowed)."""
+    if get_format(module, param).bits is None:
+        record(module, param, bits=torch.finfo(dtype).bits, cast=str(dtype).replace("torch.", ""))
+
+
+def on_cast_grid(module: nn.Module, param: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` rounded to the float type a cast recorded for this weight (a later step that updates the weight,
+    SparseGPT's OBS updates, must not leave it between the values the format can store)."""
+    cast = get_format(module, param).cast
+    return value.to(getattr(torch, cast)).to(value.dtype) if cast else value
 
 
 def is_sparse(module: nn.Module, param: str = "weight") -> bool:

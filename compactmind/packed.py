@@ -109,7 +109,7 @@ def per_token_int8(_module, args):
     return (quantize_per_token(args[0], 8),) + tuple(args[1:])
 
 
-def _resize_linears(model: torch.nn.Module, shapes: dict[str, tuple]) -> None:
+def resize_linears(model: torch.nn.Module, shapes: dict[str, tuple]) -> None:
     """Structured pruning removed rows/columns: give each linear its stored shape (and attention modules the
     matching number of query heads per key/value head)."""
     modules = dict(model.named_modules())
@@ -141,7 +141,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device: str | tor
     config = AutoConfig.from_pretrained(folder)
     config.auto_map = {}  # build the architecture's own class, not this loader
     model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[fmt["dtype"]])
-    _resize_linears(model, {n: tuple(s["shape"]) for n, s in specs.items()})
+    resize_linears(model, {n: tuple(s["shape"]) for n, s in specs.items()})
     stored = load_file(folder / WEIGHTS)
     state = {name: unpack_tensor(name, spec, stored) for name, spec in specs.items()}
     parts = {f"{n}.{suffix}" for n in specs for suffix in ("values", "codes", "scale", "zero", "mask", "group_index")}
@@ -159,6 +159,15 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device: str | tor
             modules[name.rpartition(".")[0]].register_forward_pre_hook(per_token_int8)
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def source_info(folder: str | Path) -> dict:
+    """What the folder stores, as a model loaded from it is described: its format and bytes per weight."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    weights = sum(math.prod(spec["shape"]) for spec in manifest["format"]["tensors"].values())
+    stored = manifest["stored_tensor_bytes"]
+    return {"format": f"compactmind packed ({manifest.get('pipeline')})", "bytes": stored, "weights": weights,
+            "bits_per_weight": 8 * stored / weights}
 
 
 class CompactModelForCausalLM:

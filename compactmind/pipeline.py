@@ -97,6 +97,8 @@ def parse(text: str) -> Pipeline:
             if not eq or key not in method.space:
                 raise PipelineError(f"{name} has no parameter {key!r}; its parameters are "
                                     f"{', '.join(method.space) or 'none'}.")
+            if key in values:
+                raise PipelineError(f"{name} sets {key} twice; give each parameter once.")
             try:
                 values[key] = method.space[key].parse(raw.strip())
             except ValueError as exc:
@@ -121,6 +123,10 @@ def search_spaces(method_names: list[str] | None = None,
     names = sorted(methods) if method_names is None else list(method_names)
     for name in list(names) + list(grids or {}):
         get_method(name)  # unknown names fail here with the list of known ones
+    unused = sorted(set(grids or {}) - set(names))
+    if unused:
+        raise PipelineError(f"The study gives a grid for {', '.join(unused)}, which it does not search; add "
+                            f"{'it' if len(unused) == 1 else 'them'} to --methods or remove the grid.")
     return {n: methods[n].search_space((grids or {}).get(n)) for n in names}
 
 
@@ -141,6 +147,25 @@ def candidates(method_names: list[str] | None = None, hybrids: bool = True,
     return singles + pairs
 
 
+def distinct(model, candidates: list[Pipeline]) -> tuple[list[Pipeline], list[tuple[Pipeline, Pipeline]]]:
+    """The candidates that do different things to this model, and (dropped, same as) for the others (e.g. two
+    l2_pruning head fractions that remove the same number of heads)."""
+    seen: dict = {}
+    kept, dropped = [], []
+    for c in candidates:
+        try:
+            check(model, c)
+            key = tuple((s.method, get_method(s.method).effect(model, s.params)) for s in c.steps)
+        except CompactMindError:
+            key = ("refused", str(c))  # its trial records the refusal and the reason
+        if key in seen:
+            dropped.append((c, seen[key]))
+        else:
+            seen[key] = c
+            kept.append(c)
+    return kept, dropped
+
+
 def check(model, pipeline: Pipeline) -> None:
     """Cheap shape checks of every step before any work (raises IncompatiblePipelineError)."""
     for step in pipeline.steps:
@@ -154,5 +179,6 @@ def apply_(model, pipeline: Pipeline, calib: Calibration | None, seed: int) -> f
     for i, step in enumerate(pipeline.steps):
         if calib is not None:
             calib.model_is_dense = i == 0
+            calib.step = str(step)
         get_method(step.method).apply_(model, step.params, calib, seed + i)
     return time.perf_counter() - start

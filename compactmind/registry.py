@@ -32,6 +32,7 @@ class Method:
     """Base class of a compression method. Subclasses set the class attributes and implement `apply_`."""
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `compactmind methods`
     kind: ClassVar[Kind]
     Params: ClassVar[type]
     space: ClassVar[dict[str, Spec]]
@@ -40,9 +41,17 @@ class Method:
     identity: ClassVar[Any] = None
     # True when the result depends on the seed (random choices); otherwise the seed must not matter.
     random: ClassVar[bool] = False
+    # True when each linear's compressed weight stands alone: the method changes no norm and no shape, so a
+    # dynamic study can give every linear layer its own level (--granularity linear).
+    separable: ClassVar[bool] = True
 
     def check(self, model, params) -> None:
         """Raise IncompatiblePipelineError if `params` cannot apply to `model`; must be cheap (no calibration)."""
+
+    def effect(self, model, params) -> Any:
+        """What these parameters do to this model (cheap): two settings with equal effects are one candidate.
+        By default every setting has its own effect."""
+        return params
 
     def apply_(self, model, params, calib, seed: int) -> None:
         """Compress `model` in place. `calib` is a `Calibration` (or None when not needed)."""

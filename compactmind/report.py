@@ -1,5 +1,6 @@
-"""Reports from a study's records (a dict built from the storage alone): report.json, search_history.csv,
-search_space_analysis.png and an interactive search_space_analysis.html.
+"""Reports from a study's records (read from the storage alone): report.json, search_history.csv,
+search_space_analysis.png, an interactive search_space_analysis.html with the same points, and for a dynamic study
+profiles.png (the level of every unit of the trials measured on the test windows).
 
 Every file is written to a temporary name and renamed into place, so a reader never sees half a report.
 """
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from compactmind.study.records import StudyRecords, TrialRecord
@@ -29,6 +31,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a report has the user's normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,7 +51,7 @@ def _jsonable(value):
     return value
 
 
-_NOT_IN_CSV = {"window_nll"}  # per-window figures: in report.json, too long for a table cell
+_NOT_IN_CSV = {"window_nll", "selection_window_nll", "selection_window_kl"}  # per-window: in report.json
 
 
 def history_csv(records: StudyRecords) -> str:
@@ -65,23 +70,64 @@ def history_csv(records: StudyRecords) -> str:
 
 
 def front_2d(records: StudyRecords) -> list[TrialRecord]:
-    """The Pareto front of perplexity vs compression ratio among the feasible evaluated trials (with more than
-    two objectives, the study's own front is larger: it is in report.json)."""
-    feasible = sorted((t for t in records.trials if t.state == "COMPLETE" and t.feasible is not False),
-                      key=lambda t: (-t.compression_ratio, t.perplexity))
+    """The Pareto front of the quality objective vs compression ratio among the feasible evaluated trials (with
+    more than two objectives, the study's own front is larger: it is in report.json)."""
+    q = records.quality
+    feasible = sorted((t for t in records.trials if t.state == "COMPLETE" and t.feasible is not False
+                       and "duplicate_of" not in t.attrs and t.get(q) is not None),
+                      key=lambda t: (-t.compression_ratio, t.get(q)))
     front, best = [], math.inf
     for t in feasible:
-        if t.perplexity < best:
+        if t.get(q) < best:
             front.append(t)
-            best = t.perplexity
+            best = t.get(q)
     return front[::-1]
 
 
-def _points(records: StudyRecords):
-    done = [t for t in records.trials if t.state == "COMPLETE"]
-    singles = [t for t in done if not t.get("hybrid")]
-    hybrids = [t for t in done if t.get("hybrid")]
-    return singles, hybrids, front_2d(records)
+@dataclass
+class Series:
+    """One kind of point, drawn the same way in the PNG and the HTML plot."""
+
+    name: str
+    points: list[TrialRecord]
+    color: str
+    marker: str  # matplotlib marker; plotly symbol in SYMBOLS
+    hollow: bool = False
+    y: str | None = None  # the attribute plotted (default: the quality objective)
+
+
+SYMBOLS = {"o": "circle", "^": "triangle-up", "s": "square", "D": "diamond", "x": "x", "v": "triangle-down"}
+_LABELS = {"perplexity": "perplexity (test windows)", "selection_perplexity": "perplexity on selection windows",
+           "selection_kl": "KL divergence to dense on selection windows"}
+
+
+def series(records: StudyRecords) -> list[Series]:
+    """Every trial that has a figure to draw, by kind; rejected candidates hollow and grey."""
+    q = records.quality
+    own = [t for t in records.trials if "duplicate_of" not in t.attrs]
+    done = [t for t in own if t.state == "COMPLETE" and t.get(q) is not None]
+    kept = [t for t in done if t.feasible is not False]
+    baseline = {k: [t for t in kept if t.get("baseline") == k] for k in ("uniform", "owl")}
+    searched = [t for t in kept if not t.get("baseline")]
+    out = [Series("searched profile" if records.dynamic else "single method",
+                  [t for t in searched if not t.get("hybrid")], "tab:blue", "o"),
+           Series("hybrid (two steps)", [t for t in searched if t.get("hybrid")], "tab:red", "^"),
+           Series("uniform profile", baseline["uniform"], "tab:orange", "s"),
+           Series("OWL-style profile", baseline["owl"], "tab:purple", "D"),
+           Series("over the cap (infeasible)", [t for t in done if t.feasible is False], "gray", "o", hollow=True),
+           Series("stopped early (partial figure)", [t for t in own if t.status == "early_stopped"
+                                                     and t.get(f"partial_{q}") is not None],
+                  "gray", "v", hollow=True, y=f"partial_{q}")]
+    return [s for s in out if s.points]
+
+
+def _title(records: StudyRecords) -> str:
+    model = records.model or {}
+    name = model.get("name", records.study)
+    if model.get("source_format"):
+        name += f" (from {model['source_format']}, {model['source_bits_per_weight']:.2f} bits/weight as stored)"
+    data = (records.data or {}).get("label", "")
+    return f"{name}: {records.quality} vs compression ratio (target >= {records.target_ratio})\n{data}"[:300]
 
 
 def plot_png(records: StudyRecords) -> bytes:
@@ -89,36 +135,53 @@ def plot_png(records: StudyRecords) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
-    singles, hybrids, front = _points(records)
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    ax.scatter([t.compression_ratio for t in singles], [t.perplexity for t in singles], c="tab:blue",
-               marker="o", s=36, label="single method")
-    ax.scatter([t.compression_ratio for t in hybrids], [t.perplexity for t in hybrids], c="tab:red",
-               marker="^", s=44, label="hybrid (two steps)")
+    q = records.quality
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=200)
+    for s in series(records):
+        face = "none" if s.hollow else s.color
+        ax.scatter([t.compression_ratio for t in s.points], [t.get(s.y or q) for t in s.points], marker=s.marker,
+                   s=34, facecolors=face, edgecolors=s.color, label=f"{s.name} ({len(s.points)})")
+    front = front_2d(records)
     if front:
-        ax.plot([t.compression_ratio for t in front], [t.perplexity for t in front], c="black", lw=1.2,
-                ls="--", marker="o", mfc="none", ms=10, label="Pareto front")
-    dense = records.dense
-    if dense:
-        ax.scatter([0.0], [dense["perplexity"]], c="green", marker="*", s=180, zorder=5,
-                   label=f"dense ({dense['perplexity']:.2f})")
+        ax.plot([t.compression_ratio for t in front], [t.get(q) for t in front], c="black", lw=1.0, ls="--",
+                label="Pareto front")
+    dense = (records.dense or {}).get(q)
+    if dense and dense > 0:  # a KL divergence is 0 for the dense model: nothing to draw on a log axis
+        ax.scatter([0.0], [dense], c="green", marker="*", s=160, zorder=5, label=f"dense ({dense:.4g})")
     ax.axvline(records.target_ratio, c="gray", ls=":", label=f"target ratio {records.target_ratio}")
-    best = records.best
-    if best:
-        ax.annotate(f"best: {best.pipeline}", (best.compression_ratio, best.perplexity),
-                    xytext=(10, 20), textcoords="offset points", fontsize=8,
-                    arrowprops={"arrowstyle": "->", "color": "gray"})
-    if singles or hybrids:
+    if records.best and (records.best.get(q) or 0) > 0:
+        ax.annotate(_best_text(records), (records.best.compression_ratio, records.best.get(q)), xytext=(10, 20),
+                    textcoords="offset points", fontsize=7, arrowprops={"arrowstyle": "->", "color": "gray"})
+    if ax.get_ylim()[0] > 0 and any(s.points for s in series(records)):
         ax.set_yscale("log")
-    ax.set_xlabel("compression ratio (1 - bytes / FP32 bytes)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{records.study}: perplexity vs compression ratio")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.ticklabel_format(axis="y", style="plain")
+    ax.set_xlabel(f"compression ratio (1 - bytes / {(records.protocol or {}).get('baseline_bits', 32)}-bit bytes)")
+    ax.set_ylabel(_LABELS.get(q, q) + " (log scale)")
+    ax.set_title(_title(records), fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def _best_text(records: StudyRecords) -> str:
+    best = records.best
+    text = f"best: trial {best.number}, {best.pipeline}"
+    if records.quality != "perplexity" and best.get("perplexity") is not None:
+        text += f"\ntest perplexity {best.get('perplexity'):.4g}"
+    return text[:160]
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -126,33 +189,63 @@ def plot_png(records: StudyRecords) -> bytes:
 def plot_html(records: StudyRecords) -> bytes:
     import plotly.graph_objects as go
 
-    singles, hybrids, front = _points(records)
+    q = records.quality
 
-    def trace(points, name, color, symbol):
-        text = [f"#{t.number} {t.pipeline}<br>ppl {t.perplexity:.3f} ratio {t.compression_ratio:.4f}"
-                f"<br>{t.get('bits_per_weight', 0):.2f} bits/weight, sparsity {t.get('sparsity', 0):.3f}"
-                for t in points]
-        return go.Scatter(x=[t.compression_ratio for t in points], y=[t.perplexity for t in points],
-                          mode="markers", name=name, text=text, hoverinfo="text",
-                          marker={"color": color, "symbol": symbol, "size": 9})
+    def hover(t: TrialRecord, y: str) -> str:
+        return (f"#{t.number} {t.pipeline}<br>{y} {t.get(y):.4g}, ratio {t.compression_ratio:.4f}<br>"
+                f"{t.get('bits_per_weight', 0):.2f} bits/weight, sparsity {t.get('sparsity', 0):.3f}; {t.status}")
 
-    fig = go.Figure([trace(singles, "single method", "royalblue", "circle"),
-                     trace(hybrids, "hybrid (two steps)", "crimson", "triangle-up")])
+    fig = go.Figure()
+    for s in series(records):
+        symbol = SYMBOLS[s.marker] + ("-open" if s.hollow and s.marker != "x" else "")
+        fig.add_trace(go.Scatter(x=[t.compression_ratio for t in s.points], y=[t.get(s.y or q) for t in s.points],
+                                 mode="markers", name=f"{s.name} ({len(s.points)})", hoverinfo="text",
+                                 text=[hover(t, s.y or q) for t in s.points],
+                                 marker={"color": s.color.replace("tab:", ""), "symbol": symbol, "size": 9}))
+    front = front_2d(records)
     if front:
-        fig.add_trace(go.Scatter(x=[t.compression_ratio for t in front], y=[t.perplexity for t in front],
-                                 mode="lines", name="Pareto front", line={"color": "black", "dash": "dash"},
-                                 hoverinfo="skip"))
-    dense = records.dense
-    if dense:
-        fig.add_trace(go.Scatter(x=[0.0], y=[dense["perplexity"]], mode="markers", name="dense",
-                                 marker={"color": "green", "symbol": "star", "size": 14},
-                                 text=[f"dense ppl {dense['perplexity']:.3f}"], hoverinfo="text"))
+        fig.add_trace(go.Scatter(x=[t.compression_ratio for t in front], y=[t.get(q) for t in front], mode="lines",
+                                 name="Pareto front", line={"color": "black", "dash": "dash"}, hoverinfo="skip"))
+    dense = (records.dense or {}).get(q)
+    if dense and dense > 0:
+        fig.add_trace(go.Scatter(x=[0.0], y=[dense], mode="markers", name=f"dense ({dense:.4g})", hoverinfo="text",
+                                 marker={"color": "green", "symbol": "star", "size": 14}, text=[f"dense {dense:.4g}"]))
     fig.add_vline(x=records.target_ratio, line_dash="dot", line_color="gray",
-                  annotation_text=f"target {records.target_ratio}")
-    fig.update_layout(title=f"{records.study}: perplexity vs compression ratio",
-                      xaxis_title="compression ratio", yaxis_title="perplexity", yaxis_type="log",
-                      template="plotly_white")
+                  annotation_text=f"target ratio {records.target_ratio}")
+    if records.best and (records.best.get(q) or 0) > 0:
+        fig.add_annotation(x=records.best.compression_ratio, y=math.log10(records.best.get(q)),
+                           text=_best_text(records).replace("\n", "<br>"), showarrow=True, font={"size": 10})
+    fig.update_layout(title=_title(records).replace("\n", "<br>"), xaxis_title="compression ratio",
+                      yaxis_title=_LABELS.get(q, q), yaxis_type="log", template="plotly_white")
+    fig.update_yaxes(tickformat="~r")
     return fig.to_html(include_plotlyjs=True, full_html=True).encode()
+
+
+def plot_profiles(records: StudyRecords) -> bytes | None:
+    """A dynamic study: the level of every unit, one row per trial measured on the test windows."""
+    if not records.dynamic:
+        return None
+    rows = [t for t in records.trials if t.get("profile") and t.get("perplexity") is not None
+            and "duplicate_of" not in t.attrs]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = records.dynamic["levels"]
+    fig, ax = plt.subplots(figsize=(min(16, 3 + 0.25 * len(rows[0].get("profile"))), 1.2 + 0.45 * len(rows)),
+                           dpi=200)
+    image = ax.imshow([t.get("profile") for t in rows], aspect="auto", cmap="viridis", vmin=0,
+                      vmax=max(1, len(levels) - 1))
+    ax.set_yticks(range(len(rows)), [f"#{t.number} {t.get('baseline') or ''} ppl {t.get('perplexity'):.4g}"
+                                     for t in rows], fontsize=7)
+    ax.set_xlabel("unit (block order)")
+    ax.set_title(f"{records.study}: level per unit (0 = least compressed); test perplexity", fontsize=9)
+    bar = fig.colorbar(image, ax=ax, ticks=range(len(levels)))
+    bar.ax.set_yticklabels([text[:40] for text in levels], fontsize=6)
+    return _png(fig)
 
 
 def write(records: StudyRecords, out_dir: str | Path) -> list[Path]:
@@ -163,6 +256,9 @@ def write(records: StudyRecords, out_dir: str | Path) -> list[Path]:
         "search_history.csv": history_csv(records).encode(),
         "search_space_analysis.png": plot_png(records),
     }
+    profiles = plot_profiles(records)
+    if profiles is not None:
+        rendered["profiles.png"] = profiles
     try:
         rendered["search_space_analysis.html"] = plot_html(records)
     except ImportError:

@@ -7,6 +7,7 @@ The study's objective, `compactmind eval`, `compactmind export` and scripts/qual
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +37,36 @@ def load(cfg: RunConfig) -> tuple[models.LoadedModel, data_mod.Dataset]:
     seq_len = cfg.seq_len or min(2048, limit)
     if seq_len > limit:
         raise ConfigError(f"--seq_len {seq_len} is above the model's context of {limit} tokens; pass at most {limit}.")
-    data = data_mod.prepare(loaded.tokenizer, texts, seq_len, cfg.data_samples, cfg.max_eval_windows, cfg.seed)
+    data = data_mod.prepare(loaded.tokenizer, texts, seq_len, cfg.data_samples, cfg.max_eval_windows, cfg.seed,
+                            cfg.selection_windows if cfg.dynamic else 0)
     log.info("data: %s, %d windows of %d tokens (%d available); calibration: %s", data.info["label"],
              data.info["windows"], seq_len, data.info["windows_available"], data.info["calib_source"])
     return loaded, data
 
 
+class Progress:
+    """What long steps report as they go; the CLI draws it (a terminal) or logs it (elsewhere). These no-ops are
+    the library's default: it never prints."""
+
+    def level(self, done: int, total: int, label: str, how: str) -> None:
+        """A dynamic study's level database: one level read or built."""
+
+    def block(self, step: str, done: int, total: int) -> None:
+        """A calibrated method's layer-by-layer loop: `done` of `total` blocks compressed."""
+
+    def window(self, done: int, total: int) -> None:
+        """An evaluation: `done` of `total` windows scored."""
+
+    def trial_done(self, record: dict) -> None:
+        """A trial finished (its attributes, and `number`)."""
+
+
+SILENT = Progress()
+
+
 @dataclass(frozen=True)
 class Compressed:
-    pipeline: pl.Pipeline
+    pipeline: object  # the pl.Pipeline applied, or the dynamic.Profile assembled
     footprint: Footprint
     seconds: float
 
@@ -54,10 +76,10 @@ class Executor:
     when it fits, else in host memory) and restores it before each pipeline; reusable=False compresses once."""
 
     def __init__(self, loaded: models.LoadedModel, data: data_mod.Dataset, seed: int = 0, baseline_bits: int = 32,
-                 reusable: bool = True):
-        self.loaded, self.data, self.seed = loaded, data, seed
+                 reusable: bool = True, progress: Progress = SILENT):
+        self.loaded, self.data, self.seed, self.progress = loaded, data, seed, progress
         self.reference = Reference.of(loaded.model, baseline_bits)
-        self.calibration = Calibration(data.calib)
+        self.calibration = Calibration(data.calib, on_block=progress.block)
         self.snapshot = models.Snapshot(loaded.model) if reusable else None
         self._pristine = True
 
@@ -79,8 +101,18 @@ class Executor:
         seconds = pl.apply_(self.model, pipeline, self.calibration, self.seed)
         return Compressed(pipeline, measure(self.model, self.reference), seconds)
 
-    def evaluate(self, batch_size: int = 1, stop=None, progress=None) -> Perplexity:
-        return perplexity(self.model, self.data.windows, batch_size, stop=stop, progress=progress)
+    def assemble(self, db, profile) -> Compressed:
+        """Restore the pristine model and swap in each unit's level from a level database (dynamic.py)."""
+        self.restore()
+        self._pristine = False
+        started = time.perf_counter()
+        db.assemble_(self.model, profile)
+        return Compressed(profile, db.footprint(profile, self.reference), time.perf_counter() - started)
+
+    def evaluate(self, batch_size: int = 1, stop=None, windows: torch.Tensor | None = None) -> Perplexity:
+        """Perplexity on the test windows (or on `windows`, e.g. a dynamic study's selection windows)."""
+        windows = self.data.windows if windows is None else windows
+        return perplexity(self.model, windows, batch_size, stop=stop, progress=self.progress.window)
 
 
 def reset_peak_memory(device: torch.device) -> None:

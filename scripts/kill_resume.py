@@ -40,11 +40,11 @@ def check(storage_url: str, study_name: str, output_dir: Path) -> list[str]:
     """The problems found; empty when the study is whole."""
     from optuna.trial import TrialState
 
-    from compactmind.config import RunConfig
-    from compactmind.study.session import candidates_of, open_records, stored_config
+    from compactmind.study.records import STUDY_ATTR
+    from compactmind.study.session import open_records
 
     study, _ = open_records(storage_url, study_name)
-    candidates = {str(c) for c in candidates_of(RunConfig.from_dict(stored_config(study)))}
+    candidates = set(study.user_attrs[STUDY_ATTR]["about"]["candidates"])  # as the study's model made them
     trials = study.get_trials(deepcopy=False)
     finished = [t.user_attrs["pipeline"] for t in trials
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "pipeline" in t.user_attrs

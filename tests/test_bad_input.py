@@ -30,6 +30,9 @@ def env(tmp_path, tiny_model_dir, text_file):
     (tmp_path / "notadb.db").write_text("this is not a database\n" * 10)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "bad.toml").write_text("[run\ntarget_ratio = ")
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
     real = sqlite3.connect(tmp_path / "real.db")  # a real SQLite file without any study
     real.execute("create table t (x int)")
     real.commit()
@@ -100,7 +103,36 @@ CASES = {
         lambda e: run(e, "--output_dir", str(e["tmp"] / "afile" / "out")), "Cannot create the output folder"),
     "missing study file": (lambda e: ["run", "--study", str(e["tmp"] / "none.toml")], "does not exist"),
     "study file that is not TOML": (lambda e: ["run", "--study", str(e["tmp"] / "bad.toml")], "not valid TOML"),
+    "a pipe as data": (lambda e: run(e, data=str(e["tmp"] / "fifo")), "not a regular file"),
+    "a device as data": (lambda e: run(e, data="/dev/zero"), "not a regular file"),
+    "the test file as calibration text": (lambda e: run(e, "--calib_path", e["text"]), "is the evaluation file"),
+    "study file whose run is not a table": (lambda e: study_file(e, "run = 5\n"), "must be tables"),
+    "study file with a fractional seq_len": (lambda e: study_file(e, "[run]\nseq_len = 32.5\n"),
+                                             "seq_len must be an integer"),
+    "study file with methods = 5": (lambda e: study_file(e, "[run]\nmethods = 5\n"), "methods must be"),
+    "study file with storage = 5": (lambda e: study_file(e, "[run]\nstorage = 5\n"), "storage must be a text"),
+    "study file with gpu = 'no'": (lambda e: study_file(e, '[run]\ngpu = "no"\n'), "gpu must be true or false"),
+    "study file with a grid for a method not searched": (
+        lambda e: study_file(e, '[run]\nmethods = ["fp16"]\n[grids.rtn]\nbits = [4]\n'), "does not search"),
+    "dominance margin nan": (lambda e: run(e, "--dominance_margin", "nan"), "dominance_margin must be"),
+    "a method named twice": (lambda e: run(e, "--methods", "fp16,fp16"), "names a method twice"),
+    "an empty study name": (lambda e: run(e, "--study_name", ""), "--study_name must be"),
+    "a 10,000-character study name": (lambda e: run(e, "--study_name", "x" * 10_000), "--study_name must be"),
+    "a parameter given twice": (lambda e: evaluate(e, "--pipeline", "rtn(bits=4, bits=3)"), "sets bits twice"),
+    "an in-memory SQLite storage": (lambda e: run(e, storage="sqlite:///:memory:"), "in-memory SQLite"),
+    "a port that is not a port": (lambda e: ["dashboard", "--storage", f"sqlite:///{e['tmp']}/study.db", "--port",
+                                             "70000"], "not a TCP port"),
+    "evopress without --dynamic": (lambda e: run(e, "--strategy", "evopress"), "add --dynamic"),
+    "grid with --dynamic": (lambda e: run(e, "--dynamic", "--strategy", "grid"), "far too many profiles"),
 }
+
+
+def study_file(e, text: str) -> list[str]:
+    path = e["tmp"] / "study.toml"
+    path.write_text(text)
+    return ["run", "--study", str(path), "--model_path", e["model"], "--data_path", e["text"], "--seq_len", "32",
+            "--max_eval_windows", "1", "--data_samples", "1", "--storage", f"sqlite:///{e['tmp']}/new.db",
+            "--output_dir", str(e["tmp"] / "out")]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -101,8 +101,13 @@ def test_report_and_best_rebuild_from_storage_alone(finished, capsys):
     assert a["trials"] == b["trials"] and a["best"] == b["best"]
     capsys.readouterr()
     assert main(["-q", "best", "--study_name", "s1", "--storage", storage, "--pareto"]) == 0
-    out = capsys.readouterr().out
-    assert f"trial {a['best']['number']}:" in out and "Pareto front (" in out
+    lines = capsys.readouterr().out.splitlines()
+    header, dense, best = lines[0].split(), lines[1].split(), lines[2].split()
+    assert header[:4] == ["trial", "perplexity", "compression_ratio", "bits_per_weight"]  # one column order
+    assert dense[0] == "dense" and float(dense[2]) == pytest.approx(a["dense"]["perplexity"], abs=1e-4)
+    assert best[:2] == ["best", str(a["best"]["number"])] and a["best"]["pipeline"] in lines[2]
+    front = [line.split()[1] for line in lines if line.startswith("front ")]
+    assert front == [str(t["number"]) for t in a["pareto_front"]]
 
 
 def test_a_changed_search_space_is_refused_under_the_same_name(finished, tiny_model_dir, text_file, capsys):
@@ -210,18 +215,24 @@ def _run_cli(args, tty: bool) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_progress_bars_on_a_terminal_plain_log_lines_otherwise(tiny_model_dir, text_file, tmp_path):
+def test_progress_on_a_terminal_and_in_plain_lines_during_compression_and_evaluation(tiny_model_dir, text_file,
+                                                                                    tmp_path, monkeypatch):
     def args(name):
         return ["run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
-                "--max_eval_windows", "6", "--data_samples", "1", "--target_ratio", "0.0", "--methods", "fp16,bf16",
+                "--max_eval_windows", "6", "--data_samples", "1", "--target_ratio", "0.0", "--methods", "fp16,gptq",
                 "--no_hybrids", "--storage", f"sqlite:///{tmp_path}/{name}.db", "--output_dir", str(tmp_path / name)]
 
     terminal = _run_cli(args("tty"), tty=True)
-    assert "trials:" in terminal and "2/2" in terminal and "\r" in terminal  # a redrawn bar
-    assert "[trial 1/2] fp16" in terminal
+    assert "trials:" in terminal and "9/9" in terminal and "\r" in terminal  # a redrawn bar
+    assert "[trial 0] (1/9) fp16" in terminal
+    assert "compressing gptq(bits=3" in terminal and "block" in terminal  # the method's blocks, as they go
+    monkeypatch.setenv("COMPACTMIND_LOG_EVERY_S", "0")  # a log line at every step, not every 10 s
     plain = _run_cli(args("plain"), tty=False)
-    assert "[trial 1/2] fp16" in plain and "[trial 2/2] bf16" in plain
+    assert "[trial 0] fp16" in plain and "[trial 1] gptq(bits=3" in plain
+    assert "compressing gptq(bits=3" in plain and ": block 1/2" in plain and "evaluating: window 6/6" in plain
     assert "trials:" not in plain and "\r" not in plain
+    report = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert [t["number"] for t in report["trials"]] == list(range(9))  # the numbers the lines showed
 
 
 def test_the_perplexity_cap_is_a_constraint_with_or_without_early_stopping(tiny_model_dir, text_file, tmp_path):

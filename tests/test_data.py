@@ -47,15 +47,18 @@ def test_the_evaluation_text_is_refused_as_calibration_text(tmp_path):
         D.resolve_sources(str(f), str(copy)).read()
 
 
-def test_selection_windows_come_first_and_calibration_after_them(tmp_path):
+def test_selection_windows_and_calibration_samples_never_share_a_token(tmp_path):
     (tmp_path / "test.txt").write_text("a" * 1000)
-    (tmp_path / "valid.txt").write_text("".join(chr(97 + i % 26) for i in range(3000)))
-    ds = D.prepare(CharTokenizer(), D.resolve_sources(str(tmp_path), None), 100, 8, seed=3, selection_windows=4)
+    (tmp_path / "valid.txt").write_text("".join(chr(97 + i % 26) for i in range(4000)))
+    src = D.resolve_sources(str(tmp_path), None)
+    ds = D.prepare(CharTokenizer(), src, 100, 8, seed=3, selection_windows=4)
     valid = torch.tensor([ord(c) % 251 for c in (tmp_path / "valid.txt").read_text()])
-    assert torch.equal(ds.selection.flatten(), valid[:400])
-    pool = valid[400:].tolist()
-    for row in ds.calib.tolist():  # each sample is a window of the text after the selection windows
+    assert torch.equal(ds.selection.flatten(), valid[3000:3400])  # the start of the last quarter
+    pool = valid[:3000].tolist()
+    for row in ds.calib.tolist():  # each sample is a window of the first three quarters
         assert any(pool[i:i + 100] == row for i in range(len(pool) - 99))
+    plain = D.prepare(CharTokenizer(), src, 100, 8, seed=3)
+    assert plain.selection is None and torch.equal(plain.calib, ds.calib)  # selection leaves calibration alone
 
 
 def test_window_cap_keeps_the_first_windows(tmp_path):

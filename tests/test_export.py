@@ -98,3 +98,121 @@ def test_export_refuses_a_trial_that_does_not_exist_and_a_non_empty_folder(tiny_
     assert main(["-q", "export", "--study_name", "e", "--storage", storage, "--out", str(tmp_path / "full")]) == 1
     assert "not empty" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# ---- deployment formats: loaded by transformers alone ------------------------------------------------------
+
+
+def _hf(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("text", ["rtn(bits=4, group_size=32)", "rtn(bits=3, group_size=0, symmetric=true)",
+                                  "gptq(bits=4, group_size=32)", "awq(bits=4, group_size=32)",
+                                  "rtn(bits=8, group_size=32)", "fp16 -> rtn(bits=2, group_size=32)"])
+def test_compressed_tensors_folder_loads_in_transformers_with_the_evaluated_logits(text, tmp_path):
+    from compactmind import deploy
+
+    model = tiny_model()
+    pl.apply_(model, pl.parse(text), Calibration(torch.randint(0, 320, (3, 40))), 0)
+    expected = logits(model)
+    deploy.write_compressed_tensors(model, None, tmp_path / "ct", {"pipeline": text})
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "_name_or_path" not in config and "auto_map" not in config
+    back = _hf(tmp_path / "ct")
+    assert type(back.model.layers[0].mlp.down_proj) is torch.nn.Linear  # decompressed: no compactmind code runs
+    assert torch.equal(logits(back), expected)  # the packed codes, scales and zero points are the evaluated ones
+
+
+def test_compressed_tensors_w8a8_within_its_stated_tolerance(tmp_path):
+    from compactmind import deploy
+
+    model = tiny_model()
+    pl.apply_(model, pl.parse("int8_sq(alpha=0.5)"), Calibration(torch.randint(0, 320, (3, 40))), 0)
+    expected = logits(model)
+    deploy.write_compressed_tensors(model, None, tmp_path / "ct", {})
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "int-quantized" and config["config_groups"]["group_0"]["input_activations"][
+        "strategy"] == "token"
+    got = logits(_hf(tmp_path / "ct"))
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()  # activations not quantized on this path
+
+
+def test_dense_checkpoint_is_plain_fp16(tmp_path):
+    from compactmind import deploy
+
+    model = tiny_model()
+    pl.apply_(model, pl.parse("magnitude(sparsity=0.5) -> fp16"), None, 0)
+    expected = logits(model)
+    deploy.write_dense(model, None, tmp_path / "d", {})
+    back = _hf(tmp_path / "d")
+    assert torch.equal(logits(back), expected)  # FP16 values: exact in FP16
+    assert (back.model.layers[0].mlp.up_proj.weight == 0).float().mean() >= 0.5
+
+
+@pytest.mark.parametrize("methods, fmt, reason", [
+    (["l2_pruning"], "compressed-tensors", "cannot hold l2_pruning"),
+    (["l2_pruning", "rtn"], "dense", "cannot hold l2_pruning"),
+    (["magnitude", "rtn"], "compressed-tensors", "cannot hold magnitude"),
+])
+def test_formats_refuse_what_they_cannot_hold_by_name(methods, fmt, reason):
+    from compactmind import deploy
+
+    assert reason in deploy.refusal([methods], fmt)
+    assert deploy.refusal([methods], "packed") is None
+
+
+def test_cli_export_in_compressed_tensors_reloads_with_the_trials_perplexity(tiny_model_dir, text_file, tmp_path,
+                                                                           capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                 "--max_eval_windows", "3", "--data_samples", "2", "--target_ratio", "0.7", "--methods", "rtn",
+                 "--storage", storage, "--study_name", "ct", "--output_dir", str(tmp_path / "rep")]) == 0
+    assert main(["-q", "export", "--study_name", "ct", "--storage", storage, "--out", str(tmp_path / "m"),
+                 "--format", "compressed-tensors", "--verify"]) == 0
+    manifest = json.loads((tmp_path / "m" / "compactmind.json").read_text())
+    best = json.loads((tmp_path / "rep" / "report.json").read_text())["best"]
+    assert manifest["verified_perplexity"] == pytest.approx(best["perplexity"], rel=1e-5)
+
+
+def _tiny_step(name: str) -> str:
+    """Each method at a setting the tiny model takes (group size 32 divides its widths)."""
+    settings = {"rtn": "rtn(bits=3, group_size=32)", "gptq": "gptq(bits=4, group_size=32)",
+                "awq": "awq(bits=4, group_size=32)", "l2_pruning": "l2_pruning(sparsity=0.5, scope=both)",
+                "int8_sq": "int8_sq(alpha=0.5)", "magnitude_nm": "magnitude_nm(pattern=4:8)"}
+    from compactmind.registry import get_method
+
+    if name in settings:
+        return settings[name]
+    return name if not get_method(name).space else f"{name}({next(iter(get_method(name).space))}=" + (
+        "0.5)" if "sparsity" in get_method(name).space else "2:4)")
+
+
+def _every_method_and_hybrid_order() -> list[str]:
+    from compactmind.registry import Kind, all_methods
+
+    methods = all_methods()
+    prune = [n for n, m in methods.items() if m.kind == Kind.PRUNING]
+    quant = [n for n, m in methods.items() if m.kind == Kind.QUANTIZATION]
+    singles = [_tiny_step(n) for n in sorted(methods)]
+    pairs = sorted({(a, "rtn") for a in prune} | {("magnitude", b) for b in quant})  # every method in a hybrid
+    return singles + [f"{_tiny_step(a)} -> {_tiny_step(b)}" for a, b in pairs] + \
+        [f"{_tiny_step(b)} -> {_tiny_step(a)}" for a, b in pairs]  # both orders
+
+
+@pytest.mark.parametrize("text", _every_method_and_hybrid_order())
+def test_the_exported_tensors_take_exactly_the_recorded_bytes(text, tmp_path):
+    model = tiny_model()
+    reference = Reference.of(model)
+    pl.apply_(model, pl.parse(text), Calibration(torch.randint(0, 320, (3, 40), generator=torch.Generator()
+                                                               .manual_seed(1))), 0)
+    recorded = measure(model, reference).model_bytes
+    manifest = export.write(model, None, tmp_path / "out", {"pipeline": text})
+    assert manifest["stored_tensor_bytes"] == recorded  # to the byte: one layout serves both
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / packed.WEIGHTS), "pt") as f:
+        assert sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()) == recorded

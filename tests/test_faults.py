@@ -61,7 +61,7 @@ def test_out_of_memory_and_nan_trials_are_recorded_and_the_study_goes_on(faulty_
     assert rc == 0
     trials = {t["pipeline"]: t for t in json.loads((tmp_path / "out" / "report.json").read_text())["trials"]}
     oom = trials["test_oom"]
-    assert oom["state"] == "FAIL" and oom["status"] == "failed" and "OutOfMemoryError" in oom["reason"]
+    assert oom["state"] == "FAIL" and oom["status"] == "out_of_memory" and "OutOfMemoryError" in oom["reason"]
     nan = trials["test_nan"]
     assert nan["state"] == "PRUNED" and nan["status"] == "nonfinite"
     assert trials["fp16"]["status"] == "ok"

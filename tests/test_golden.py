@@ -216,11 +216,19 @@ def test_quantization_after_pruning_keeps_the_zeros(quant):
         assert (lin.weight == 0).float().mean().item() >= 0.5
 
 
-def test_awq_is_exact_before_rounding_and_beats_rtn_on_outliers():
-    from compactmind.methods._quant import awq_search_scale
+def test_awq_is_exact_before_rounding_and_its_scales_and_clipping_beat_rtn_on_outliers():
+    from compactmind.methods._awq import _clip_, search_clip, search_scale
 
     w, x = outlier_layer(5)
-    s = awq_search_scale(x, w, 3, 32, False)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.clone()
+    s = search_scale(lambda: [lin(x)], [lin], x, 3, 32, False)
+    assert torch.equal(lin.weight, w)  # the search leaves the weights as they were
     assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-3)
     awq = rtn(w * s, 3, 32, False) / s
     assert out_err(awq, w, x) < out_err(rtn(w, 3, 32, False), w, x)
+    lin.weight.data = w * s
+    limit = search_clip(lin.weight, x / s, 3, 32, False)
+    _clip_(lin, limit, 32)
+    clipped = rtn(lin.weight, 3, 32, False) / s
+    assert out_err(clipped, w, x) <= out_err(awq, w, x)  # clipping never loses on the tokens it chose on

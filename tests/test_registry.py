@@ -109,8 +109,10 @@ def test_entry_point_plugin_registers_a_method(tmp_path, monkeypatch):
         sys.modules.pop("cm_plugin_demo", None)
 
 
-def test_methods_command_lists_name_kind_parameters_and_grid(capsys):
+def test_methods_command_lists_name_kind_grid_parameters_and_what_each_does(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("l2_pruning"))
-    assert "pruning" in line and "sparsity" in line and line.split()[-1] == str(get_method("l2_pruning").grid_size())
+    assert line.split()[1:3] == ["pruning", str(get_method("l2_pruning").grid_size())] and "sparsity" in line
+    assert line.endswith(get_method("l2_pruning").summary)
+    assert all(m.summary for m in all_methods().values())  # every method says what it does

@@ -47,7 +47,8 @@ def test_early_stopping_by_dominance_and_by_cap(tiny_model_dir, text_file, tmp_p
                      "--target_ratio", "0.0", "--dominance_margin", "1.0")) == 0
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
     stopped = [t for t in trials if t["status"] == "early_stopped"]
-    assert stopped and all(t["state"] == "PRUNED" and t["windows"] < 8 and t["perplexity"] for t in stopped)
+    assert stopped and all(t["state"] == "PRUNED" and t["windows"] < 8 and t["partial_perplexity"] > 0
+                           and t["perplexity"] is None for t in stopped)  # the partial figure in its own field
     assert any("that of trial" in t["reason"] for t in stopped)
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     for t in stopped:  # each stopped one really had a finished rival with at least its ratio

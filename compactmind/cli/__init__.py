@@ -13,6 +13,7 @@ import sys
 from compactmind.cli.commands import COMMANDS
 from compactmind.cli.parser import apply_study_file, build_parser, parse_config
 from compactmind.errors import CompactMindError
+from compactmind.study.storage import StorageTrouble, scrub
 
 __all__ = ["build_parser", "main", "parse_config"]
 
@@ -35,6 +36,22 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _warn_password_on_command_line(argv: list[str]) -> None:
+    from sqlalchemy.engine import make_url
+
+    for i, arg in enumerate(argv):
+        url = argv[i + 1] if arg == "--storage" and i + 1 < len(argv) else arg.partition("=")[2] \
+            if arg.startswith("--storage=") else None
+        try:
+            password = make_url(url).password if url else None
+        except Exception:  # not a URL: the storage check says so later
+            password = None
+        if password:
+            logging.getLogger("compactmind").warning(
+                "the storage password is on the command line, where `ps` shows it to every user of this machine; "
+                "set COMPACTMIND_STORAGE instead, or keep it in PGPASSWORD / ~/.pgpass")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -49,11 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.argv = argv  # what resumes the study: the same command line
     _setup_logging(args.verbose, args.quiet)
+    _warn_password_on_command_line(argv)
     try:
         return COMMANDS[args.command](args)
     except CompactMindError as exc:
         print(f"compactmind: error: {exc}", file=sys.stderr)
+        return 1
+    except StorageTrouble as exc:
+        first = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                      getattr(args, "storage", "") or "")
+        print(f"compactmind: error: the study storage failed ({first[:300]}); check it (disk space, a damaged "
+              "file, the server) and run the same command again to resume.", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"compactmind: error: {exc.strerror or exc}{where}; free space or fix the permissions, then run the same "
+              "command again to resume.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("compactmind: interrupted", file=sys.stderr)

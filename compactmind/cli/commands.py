@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,47 +29,54 @@ def _writable_dir(path: str) -> Path:
     return out
 
 
-def _run_and_report(session, out_dir: Path | None, worker: bool = False) -> int:
+def _run_and_report(cfg, out_dir: Path | None, argv: list[str], worker: bool = False) -> int:
     from compactmind.study import session as S
 
-    cfg, started = session.config, time.perf_counter()
-    exhaustive = S.STRATEGIES[cfg.strategy].exhaustive
-    done = sum(t.state.is_finished() for t in session.study.get_trials(deepcopy=False)) if exhaustive else 0
-    with console.Progress(len(session.candidates) if exhaustive else cfg.n_trials, done) as progress:
-        interrupted = S.run_trials(session, progress.trial_done, progress.window)
-    if interrupted:
-        log.error("interrupted: the current trial will be re-run when the study resumes")
+    started = time.perf_counter()
+    with console.Progress() as progress:
+        session = S.open_session(cfg, progress)
+        size = session.size
+        progress.start(size or cfg.n_trials,
+                       sum(t.state.is_finished() for t in session.study.get_trials(deepcopy=False)) if size else 0)
+        stopped = S.run_trials(session)
     records = session.records()
     if worker:
+        S.publish_note(session)
         print(f"worker done: study {records.study} has {len(records.trials)} trials "
               f"({records.counts.get('COMPLETE', 0)} evaluated)")
     else:
-        S.write_reports(session.study, records, cfg.storage, out_dir)
+        try:
+            S.write_reports(session.study, records, cfg.storage, out_dir)
+        except OSError as exc:
+            raise ConfigError(f"Cannot write the reports to {out_dir}: {exc.strerror or exc}; free space or pass "
+                              "another --output_dir, then run 'compactmind report'.") from None
         print(console.summary(records, out_dir, time.perf_counter() - started))
-    return 130 if interrupted else 0
+    unfinished = console.unfinished(records, size)
+    if stopped or unfinished:
+        print(f"{': '.join(filter(None, [stopped, unfinished]))}; resume with: {console.resume_command(argv)}")
+    return {"interrupted": 130, "terminated": 143}.get(stopped, 0)
 
 
 def cmd_run(args) -> int:
-    from compactmind.study.session import open_session
-
     cfg = config_of(args)
     out_dir = _writable_dir(cfg.output_dir or f"results/run_{datetime.now():%Y%m%d_%H%M%S}")
-    return _run_and_report(open_session(cfg), out_dir)
+    return _run_and_report(cfg, out_dir, args.argv)
 
 
 def cmd_create(args) -> int:
     from compactmind.study.session import open_session
 
-    session = open_session(config_of(args))
+    with console.Progress() as progress:
+        session = open_session(config_of(args), progress)
     name = session.study.study_name
     print(f"study {name} is ready; start workers with: compactmind worker --study_name {name} --storage URL")
     return 0
 
 
 def cmd_worker(args) -> int:
-    from compactmind.study.session import joined_config, open_session
+    from compactmind.study.session import joined_config
 
-    return _run_and_report(open_session(joined_config(config_of(args))), None, worker=True)
+    return _run_and_report(joined_config(config_of(args)), None, args.argv, worker=True)
 
 
 def cmd_eval(args) -> int:
@@ -78,9 +86,10 @@ def cmd_eval(args) -> int:
     spec = pl.parse(args.pipeline)
     cfg = config_of(args)
     loaded, data = load(cfg)
-    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, reusable=False)
-    compressed = executor.compress(spec)
-    result = executor.evaluate(cfg.batch_size)
+    with console.Progress() as progress:
+        executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, reusable=False, progress=progress)
+        compressed = executor.compress(spec)
+        result = executor.evaluate(cfg.batch_size)
     fp = compressed.footprint
     out = {"pipeline": str(spec), "perplexity": result.perplexity, "compression_ratio": fp.compression_ratio,
            "bits_per_weight": fp.bits_per_weight, "sparsity": fp.sparsity, "model_bytes": fp.model_bytes,
@@ -106,7 +115,8 @@ def cmd_report(args) -> int:
     from compactmind.study.session import open_records, write_reports
 
     study, records = open_records(args.storage, args.study_name)
-    out_dir = _writable_dir(args.output_dir or f"results/report_{args.study_name}_{datetime.now():%Y%m%d_%H%M%S}")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", args.study_name)[:80]  # a study name never becomes a path as it is
+    out_dir = _writable_dir(args.output_dir or f"results/report_{safe}_{datetime.now():%Y%m%d_%H%M%S}")
     write_reports(study, records, args.storage, out_dir)
     print(console.summary(records, out_dir))
     return 0
@@ -120,6 +130,22 @@ def cmd_best(args) -> int:
     return 0 if records.best is not None else 1
 
 
+def cmd_compare(args) -> int:
+    from compactmind.study.session import open_records
+
+    _, records = open_records(args.storage, args.study_name)
+    try:
+        numbers = [int(n) for n in args.trials.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"--trials {args.trials!r} is not a list of trial numbers such as 4,7,12.") from None
+    missing = [n for n in numbers if records.trial(n) is None]
+    if not numbers or missing:
+        raise ConfigError(f"Study {records.study} has no trial {', '.join(map(str, missing or ['given']))} (it has "
+                          f"{len(records.trials)} trials, numbered from 0).")
+    print(console.compare(records, numbers))
+    return 0
+
+
 def cmd_export(args) -> int:
     from compactmind.export import export_trial
 
@@ -127,8 +153,14 @@ def cmd_export(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"The export folder {out} already exists and is not empty; pass a new --out.")
     _writable_dir(str(out))
-    for line in export_trial(config_of(args), args.trial, out, args.verify):
-        print(line)
+    from compactmind.export import ExportMismatch
+
+    try:
+        lines = export_trial(config_of(args), args.trial, out, args.verify, args.format)
+    except ExportMismatch as exc:
+        print("\n".join(exc.lines))
+        raise
+    print("\n".join(lines))
     return 0
 
 
@@ -136,11 +168,13 @@ def cmd_dashboard(args) -> int:
     from compactmind import dashboard
     from compactmind.study.storage import open_storage
 
-    dashboard.serve(open_storage(args.storage, create=False), args.storage, args.host, args.port, args.artifact_dir)
+    dashboard.serve(open_storage(args.storage, create=False), args.storage, args.host, args.port, args.artifact_dir,
+                    access_log=args.verbose > 0)
     return 0
 
 
 COMMANDS = {"run": cmd_run, "create": cmd_create, "worker": cmd_worker, "eval": cmd_eval, "methods": cmd_methods,
-            "report": cmd_report, "best": cmd_best, "export": cmd_export, "dashboard": cmd_dashboard}
+            "report": cmd_report, "best": cmd_best, "compare": cmd_compare, "export": cmd_export,
+            "dashboard": cmd_dashboard}
 
 

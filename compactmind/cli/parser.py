@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from compactmind.config import DEFAULT_STORAGE, RunConfig, load_study_file
+from compactmind.config import STORAGE_ENV, RunConfig, default_storage, load_study_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,11 +45,11 @@ def _study_flags(p):
     _model_flags(p)
     _flag(p, "target_ratio", type=float, help="minimum compression ratio, 0 <= r < 1 (default 0.5)")
     _flag(p, "strategy", help="search strategy: grid (default: every configuration once), tpe, nsga2, random, qmc, "
-                              "gp, bruteforce")
+                              "gp, bruteforce; evopress for --dynamic (its default)")
     _flag(p, "methods", help="comma-separated registered methods to search (default: all)")
     _flag(p, "no_hybrids", action="store_true", default=None, help="search single methods only")
     _flag(p, "objectives", help="comma-separated objectives (default perplexity,compression_ratio)")
-    _flag(p, "storage", help=f"Optuna RDB storage URL (default {DEFAULT_STORAGE})")
+    _storage_flag(p, default=None)
     _flag(p, "study_name", help="study name (default: keyed by model, data, protocol and search space)")
     _flag(p, "ppl_cap_factor", type=float, help="early stop: a candidate whose running perplexity exceeds this "
                                                 "times dense (default 10)")
@@ -57,6 +57,16 @@ def _study_flags(p):
                                                   "times that of a finished feasible trial with at least its ratio "
                                                   "(default 2)")
     _flag(p, "no_early_stop", action="store_true", default=None, help="evaluate every candidate on every window")
+    _flag(p, "dynamic", action="store_true", default=None,
+          help="a compression level per block (or linear), the candidates being the levels, assembled from a "
+               "database of pre-compressed units (strategy evopress by default)")
+    _flag(p, "granularity", help="dynamic: block (default) or linear")
+    _flag(p, "fitness", help="dynamic: what profiles are chosen on, ppl (default) or kl (to the dense model), on "
+                             "selection windows of validation text")
+    _flag(p, "selection_windows", type=int, help="dynamic: selection windows taken from the calibration text "
+                                                 "(default 4)")
+    _flag(p, "levels_dir", help="dynamic: where the level database is kept (default: 'levels' beside the SQLite "
+                                "file)")
     _budget_flags(p)
 
 
@@ -65,15 +75,31 @@ def _budget_flags(p):
     _flag(p, "timeout", type=float, help="stop starting new trials after this many seconds")
 
 
+def _storage_flag(p, default="env"):
+    _flag(p, "storage", default=default_storage() if default == "env" else default,
+          help=f"Optuna RDB storage URL (default: ${STORAGE_ENV}, else sqlite:///storage/compactmind.db); a password "
+               f"on the command line shows in `ps`: set ${STORAGE_ENV} or use PGPASSWORD / ~/.pgpass instead")
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
 def _study_ref(p, required: bool = True):
     _flag(p, "study_name", required=required)
-    _flag(p, "storage", default=DEFAULT_STORAGE)
+    _storage_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="compactmind", description="Automatic search over LLM compression pipelines.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    from compactmind import __version__
+
+    parser.add_argument("--version", action="version", version=f"compactmind {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     run = sub.add_parser("run", help="run (or resume) a compression study")
     _study_flags(run)
@@ -94,17 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     best = sub.add_parser("best", help="print the best feasible configuration of a study")
     _study_ref(best)
     best.add_argument("--pareto", action="store_true", help="also print the Pareto front")
+    compare = sub.add_parser("compare", help="trials side by side: pipeline, parameters, figures, deltas to dense")
+    _study_ref(compare)
+    compare.add_argument("--trials", required=True, help="comma-separated trial numbers, e.g. 4,7,12")
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on a study store (Pareto front, trials, notes)")
-    _flag(dash, "storage", default=DEFAULT_STORAGE)
+    _storage_flag(dash)
     dash.add_argument("--host", default="127.0.0.1")
-    dash.add_argument("--port", type=int, default=8080)
+    dash.add_argument("--port", type=_port, default=8080)
     _flag(dash, "artifact_dir", help="artifact folder (default: 'artifacts' beside the SQLite file)")
     exp = sub.add_parser("export", help="re-apply a trial's pipeline to the original model and write it as a "
-                                        "Hugging Face folder in the packed format")
+                                        "Hugging Face folder (packed, compressed-tensors or dense)")
     _study_ref(exp)
     exp.add_argument("--trial", default="best", help="'best' (the best feasible trial) or a trial number")
     exp.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
     _device_flags(exp)
+    exp.add_argument("--format", default="packed", choices=("packed", "compressed-tensors", "dense"),
+                     help="packed (default: compactmind's bit-packed folder, loads with trust_remote_code), "
+                          "compressed-tensors (vLLM and transformers load it as it is) or dense (a plain FP16 "
+                          "checkpoint for any tool)")
     exp.add_argument("--verify", action="store_true",
                      help="load the written folder back and re-measure its perplexity on the study's windows")
     return parser

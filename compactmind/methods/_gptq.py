@@ -28,6 +28,7 @@ from compactmind.space import Categorical
 
 @register_method("gptq")
 class GPTQ(WeightQuantizer):
+    summary = "k-bit, rounding errors spread through the inverse Hessian (Frantar et al. 2022)"
     needs_calibration = True
 
     @dataclass(frozen=True)
@@ -45,9 +46,9 @@ class GPTQ(WeightQuantizer):
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
-        samples = require(calib, self.name).samples
+        calib = require(calib, self.name)
 
-        def solve(_i, layer, stats):
+        def solve(_i, layer, stats, _samples):
             modules = dict(layer.named_modules())
             for lname, acc in stats.items():
                 lin = modules[lname]
@@ -55,5 +56,5 @@ class GPTQ(WeightQuantizer):
                          params.damp, keep_zeros=is_sparse(lin))
                 write_quantized_(lin, q, params.bits, params.group_size, params.symmetric)
 
-        sequential_(model, samples, lambda _n, lin: Hessian(lin), solve)
+        sequential_(model, calib, lambda _n, lin: Hessian(lin), solve)
         cast_rest_to_fp16_(model)

@@ -51,8 +51,10 @@ def _groups(layer):
 
 @register_method("int8_sq")
 class Int8SmoothQuant(Method):
+    summary = "W8A8 with activation outliers migrated into the weights (Xiao et al. 2023)"
     kind = Kind.QUANTIZATION
     needs_calibration = True
+    separable = False  # scales norms and the linears they feed together
 
     @dataclass(frozen=True)
     class Params:

@@ -85,7 +85,9 @@ def _heads_removed(attn, sparsity: float) -> tuple[int, int, int]:
 
 @register_method("l2_pruning")
 class L2Pruning(Method):
+    summary = "structured: removes the MLP channels / attention heads of smallest L2 norm"
     kind = Kind.PRUNING
+    separable = False  # removes channels across linears
 
     @dataclass(frozen=True)
     class Params:
@@ -114,6 +116,14 @@ class L2Pruning(Method):
                     f"1/{units} (this model has {n_rep} query heads per key/value head).")
             if removed >= units:
                 raise IncompatiblePipelineError(f"l2_pruning(sparsity={params.sparsity}) would remove every head.")
+
+    def effect(self, model, params):
+        """The channels and heads really removed per block: fractions that round to the same counts are one."""
+        layer = decoder_layers(model)[0]
+        mlp, attn = _mlp(layer), _attn(layer)
+        channels = round(params.sparsity * mlp.gate_proj.out_features) if mlp and params.scope != "heads" else 0
+        heads = _heads_removed(attn, params.sparsity)[2] if attn and params.scope != "mlp" else 0
+        return ("l2", channels, heads)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

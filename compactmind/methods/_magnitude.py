@@ -21,6 +21,7 @@ from compactmind.registry import register_method
 
 @register_method("magnitude")
 class Magnitude(UnstructuredPruning):
+    summary = "zeroes the weights of smallest |W| in every block linear (Han et al. 2015)"
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
@@ -33,6 +34,7 @@ class Magnitude(UnstructuredPruning):
 
 @register_method("magnitude_nm")
 class MagnitudeNM(NMPruning):
+    summary = "keeps the N largest |W| of every M consecutive inputs (2:4, 4:8)"
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

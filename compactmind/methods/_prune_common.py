@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.formats import Sparsity, entry, record
+from compactmind.formats import Sparsity, entry, on_cast_grid, record
 from compactmind.methods._sparse import parse_nm
 from compactmind.models import block_linears
 from compactmind.registry import Kind, Method
@@ -34,7 +34,7 @@ def check_sparsity(sparsity: float) -> None:
 def write_pruned_(linear: nn.Linear, new_weight: torch.Tensor, mask: torch.Tensor, pattern: str | None) -> None:
     """Store the pruned weight and record its format: sparse (unstructured or n:m) and how many weights the mask
     (True = pruned) removed."""
-    linear.weight.copy_(new_weight.to(linear.weight.dtype))
+    linear.weight.copy_(on_cast_grid(linear, "weight", new_weight.to(linear.weight.dtype)))
     pruned = max(entry(linear).pruned, int(mask.sum()))  # an earlier pruning step's zeros are in this mask too
     if pattern is None:
         record(linear, "weight", sparsity=Sparsity.UNSTRUCTURED, pruned=pruned)

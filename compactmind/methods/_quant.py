@@ -46,7 +46,7 @@ def cast_rest_to_fp16_(model: nn.Module) -> None:
     Quantized checkpoints (GPTQ, AWQ, SmoothQuant) keep embeddings, norms and the head in FP16; the search
     simulates that so the accounting and the measured perplexity describe the same model.
     """
-    cast_all_(model, torch.float16, 16, skip={id(m.weight) for _, m in block_linears(model)})
+    cast_all_(model, torch.float16, skip={id(m.weight) for _, m in block_linears(model)})
 
 # ---- weight-only k-bit quantization (GPTQ's convention: unsigned codes 0..2^k-1 with a zero point) ----------
 
@@ -135,25 +135,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     return Quantized(Q[:, torch.argsort(perm)], scales.squeeze(2).T.contiguous(), zeros.squeeze(2).T.contiguous())
 
 
-def awq_search_scale(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                     n_grid: int = 20) -> torch.Tensor:
-    """AWQ's per-input-channel scale: s = mean|x|^alpha (normalised), alpha on a grid in [0, 1), chosen to
-    minimise || Q(W diag(s)) diag(s)^-1 x - W x ||^2 over calibration rows x [n, cols], W [rows, cols]."""
-    xf = x.float()
-    wf = weight.float()
-    reference = xf @ wf.T
-    mean_abs = xf.abs().mean(0).clamp(min=1e-5)
-    best, best_s = math.inf, torch.ones_like(mean_abs)
-    for i in range(n_grid):
-        s = mean_abs.pow(i / n_grid)
-        s = s / (s.max() * s.min()).sqrt()
-        wq = rtn(wf * s, bits, group_size, symmetric) / s
-        loss = (xf @ wq.T - reference).pow(2).mean().item()
-        if loss < best:
-            best, best_s = loss, s
-    return best_s
-
-
 # ---- glue shared by the weight-only quantizers ------------------------------------------------------------
 
 
@@ -190,8 +171,8 @@ def write_quantized_(linear: nn.Linear, q: Quantized, bits: int, group_size: int
 
 
 @torch.no_grad()
-def cast_all_(model: nn.Module, dtype: torch.dtype, bits: int, skip: set[int] = frozenset()) -> None:
-    """Round every weight (but those in `skip`, by id) through `dtype` and record it at `bits`."""
+def cast_all_(model: nn.Module, dtype: torch.dtype, skip: set[int] = frozenset()) -> None:
+    """Round every weight (but those in `skip`, by id) through `dtype` and record the cast."""
     seen: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -200,4 +181,4 @@ def cast_all_(model: nn.Module, dtype: torch.dtype, bits: int, skip: set[int] = 
             if id(p) not in seen:
                 seen.add(id(p))
                 p.data.copy_(p.data.to(dtype).to(p.dtype))
-            narrow_to(module, name, bits)
+            narrow_to(module, name, dtype)

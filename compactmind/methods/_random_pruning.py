@@ -27,6 +27,7 @@ def random_mask(shape: torch.Size, sparsity: float, generator: torch.Generator) 
 
 @register_method("random_pruning")
 class RandomPruning(UnstructuredPruning):
+    summary = "zeroes a random fraction of every block linear's weights (the baseline)"
     random = True
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from compactmind.registry import register_method
 
 @register_method("rtn")
 class RTN(WeightQuantizer):
+    summary = "k-bit round-to-nearest per group of input columns (the GPTQ/AWQ baseline)"
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
         for _, lin in block_linears(model):

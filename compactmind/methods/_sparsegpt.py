@@ -27,10 +27,10 @@ DAMP = 0.01
 
 
 def _prune(model, calib, name, sparsity, pattern):
-    samples = require(calib, name).samples
+    calib = require(calib, name)
     nm = parse_nm(pattern) if pattern else None
 
-    def solve(_i, layer, stats):
+    def solve(_i, layer, stats, _samples):
         modules = dict(layer.named_modules())
         for lname, acc in stats.items():
             lin = modules[lname]
@@ -38,11 +38,12 @@ def _prune(model, calib, name, sparsity, pattern):
             pruned, mask = sparsegpt_(lin.weight, acc.H, sparsity, nm, damp=DAMP, update=not quantized)
             write_pruned_(lin, pruned, mask, pattern)
 
-    sequential_(model, samples, lambda _n, lin: Hessian(lin), solve)
+    sequential_(model, calib, lambda _n, lin: Hessian(lin), solve)
 
 
 @register_method("sparsegpt")
 class SparseGPT(UnstructuredPruning):
+    summary = "prunes with OBS updates of the kept weights (Frantar & Alistarh 2023)"
     needs_calibration = True
 
     @torch.no_grad()
@@ -52,6 +53,7 @@ class SparseGPT(UnstructuredPruning):
 
 @register_method("sparsegpt_nm")
 class SparseGPTNM(NMPruning):
+    summary = "SparseGPT with an N:M pattern (2:4, 4:8)"
     needs_calibration = True
 
     @torch.no_grad()

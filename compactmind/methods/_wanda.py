@@ -26,20 +26,21 @@ def wanda_score(weight: torch.Tensor, input_sq_mean: torch.Tensor) -> torch.Tens
 
 
 def _prune(model, calib, name, mask_of, pattern):
-    samples = require(calib, name).samples
+    calib = require(calib, name)
 
-    def solve(_i, layer, stats):
+    def solve(_i, layer, stats, _samples):
         modules = dict(layer.named_modules())
         for lname, acc in stats.items():
             lin = modules[lname]
             mask = mask_of(wanda_score(lin.weight, acc.sq))
             write_pruned_(lin, lin.weight.masked_fill(mask, 0), mask, pattern)
 
-    sequential_(model, samples, lambda _n, lin: InputNorms(lin), solve)
+    sequential_(model, calib, lambda _n, lin: InputNorms(lin), solve)
 
 
 @register_method("wanda")
 class Wanda(UnstructuredPruning):
+    summary = "prunes the lowest |W|·||X_j|| of every output row (Sun et al. 2023)"
     needs_calibration = True
 
     @torch.no_grad()
@@ -49,6 +50,7 @@ class Wanda(UnstructuredPruning):
 
 @register_method("wanda_nm")
 class WandaNM(NMPruning):
+    summary = "Wanda's score, N kept in every M consecutive inputs (2:4, 4:8)"
     needs_calibration = True
 
     @torch.no_grad()

@@ -1,12 +1,14 @@
 """The objective: one trial's life, from the sampler's proposal to the values the study records.
 
-A trial restores the pristine model, applies the proposed pipeline (the executor), and measures its footprint.
-Below the target ratio it is recorded as infeasible without an evaluation. Otherwise its perplexity is
-measured window by window, and it stops early once its running perplexity exceeds the cap (ppl_cap_factor x the
-dense model's on the same windows) or, after a quarter of the windows, dominance_margin x that of a finished
-feasible trial with at least its ratio (Optuna's pruners refuse two-objective studies, so early stopping lives
-here). Every figure a person wants later goes into the trial's user attributes; the objective values are read
-from them by name, in the order of the study's objectives.
+A trial restores the pristine model, applies the proposed pipeline (or assembles the proposed profile of a
+dynamic study), and measures its footprint. Below the target ratio it is recorded as infeasible without an
+evaluation. Otherwise its quality (test perplexity; a dynamic study's selection perplexity or KL divergence) is
+measured window by window, and it stops early once its running value exceeds the cap (ppl_cap_factor x the dense
+model's on the same windows) or, after a quarter of the windows, dominance_margin x that of a finished feasible
+trial with at least its ratio on the same windows (Optuna's pruners refuse two-objective studies, so early
+stopping lives here; for a dynamic study, with margin 1, it is EvoPress's multi-step selection: an offspring that
+falls behind its parent on the first windows is not scored on more). Every figure a person wants later goes into
+the trial's user attributes; the objective values are read from them by name, in the order of the objectives.
 """
 
 from __future__ import annotations
@@ -16,21 +18,17 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from compactmind import pipeline as pl
 from compactmind.config import RunConfig
 from compactmind.errors import CompactMindError
-from compactmind.evaluate import running_perplexity
-from compactmind.registry import get_method
-from compactmind.space import Categorical, Int
 from compactmind.study.sampler import SPARE_ATTR
+from compactmind.study.storage import StorageTrouble
+from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
 from compactmind.trial import Compressed, Executor, peak_memory, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -46,8 +44,21 @@ class TrialStatus(str, enum.Enum):
     EARLY_STOPPED = "early_stopped"
     OVER_CAP = "over_cap"  # evaluated in full, perplexity over the cap: measured, infeasible
     NONFINITE = "nonfinite"
-    FAILED = "failed"  # an error inside the trial (out of memory, a bug in one method)
+    FAILED = "failed"  # an error inside the trial (a bug in one method)
+    OUT_OF_MEMORY = "out_of_memory"
+    INTERRUPTED = "interrupted"  # Ctrl-C: run again when the study resumes
+    TERMINATED = "terminated"  # SIGTERM (Slurm, Kubernetes, systemd): run again when the study resumes
+    KILLED = "killed"  # its process died without a word (kill -9, a lost machine): failed by the heartbeat
     SPARE = "spare"  # a grid trial that found every candidate taken by other workers
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM inside a trial: it ends like Ctrl-C, recorded as terminated."""
+
+
+class TrialFailed(Exception):
+    """A trial failed of its own (recorded with its reason); the study goes on. Any other error, a storage
+    error above all, ends the run at once instead of failing every trial after it."""
 
 
 @dataclass
@@ -56,39 +67,9 @@ class Context:
 
     executor: Executor
     config: RunConfig
-    candidates: list[pl.Pipeline]
-    spaces: dict[str, dict]  # effective search space per method
+    space: PipelineSpace | LevelSpace
+    measure: Measure
     dense: dict  # the dense baseline as the study stores it
-    on_trial: Callable[[dict], None] | None = None
-    on_window: Callable[[int, int], None] | None = None  # (windows done, windows) during an evaluation
-
-    @cached_property
-    def shapes(self) -> list[str]:
-        return list(dict.fromkeys(c.shape for c in self.candidates))
-
-    @cached_property
-    def dense_running(self) -> list[float] | None:
-        """The dense model's perplexity over its first k windows."""
-        nll = self.dense.get("window_nll")
-        return running_perplexity(nll, self.executor.data.seq_len) if nll else None
-
-
-def _suggest(trial: optuna.Trial, name: str, spec):
-    if isinstance(spec, Categorical):
-        return trial.suggest_categorical(name, list(spec.choices))
-    if isinstance(spec, Int):
-        return trial.suggest_int(name, spec.low, spec.high, step=spec.step)
-    return trial.suggest_float(name, spec.low, spec.high, step=spec.step)
-
-
-def suggest_pipeline(trial: optuna.Trial, shapes: list[str], spaces: dict[str, dict]) -> pl.Pipeline:
-    """The structured space: which pipeline (shape), then each step's parameters."""
-    shape = trial.suggest_categorical("pipeline", shapes)
-    steps = []
-    for name in shape.split(" -> "):
-        values = {k: _suggest(trial, f"{name}.{k}", spec) for k, spec in spaces[name].items()}
-        steps.append(pl.Step(name, get_method(name).Params(**values)))
-    return pl.Pipeline(tuple(steps))
 
 
 def set_constraint(trial: optuna.Trial, key: str, value: float) -> None:
@@ -134,8 +115,7 @@ class TrialRun:
         return tuple(self.attrs[name] for name in self.ctx.config.objectives)
 
     def finish(self) -> None:
-        if self.ctx.on_trial:
-            self.ctx.on_trial({"number": self.trial.number, **self.attrs})
+        self.ctx.executor.progress.trial_done({"number": self.trial.number, **self.attrs})
 
 
 def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
@@ -143,12 +123,19 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
     run = TrialRun(ctx, trial)
     if trial.storage.get_trial_system_attrs(trial._trial_id).get(SPARE_ATTR):
         raise run.stop(TrialStatus.SPARE, "every remaining candidate was taken by another worker")
-    candidate = suggest_pipeline(trial, ctx.shapes, ctx.spaces)
-    twin = _finished_twin(trial.study, str(candidate), trial.number)
+    candidate = ctx.space.suggest(trial)
+    described = ctx.space.describe(candidate)
+    twin = _finished_twin(trial.study, described["candidate"], trial.number)
     if twin is not None:
-        return _replay(trial, twin)
-    run.record(pipeline=str(candidate), steps=candidate.to_json(), worker=WORKER, hybrid=candidate.is_hybrid,
-               dtype=str(ctx.executor.loaded.dtype).replace("torch.", ""), seq_len=ctx.executor.data.seq_len)
+        return _replay(run, twin)
+    run.record(**described, worker=WORKER, dtype=str(ctx.executor.loaded.dtype).replace("torch.", ""),
+               seq_len=ctx.executor.data.seq_len)
+    running = _running_twin(trial.study, described["candidate"], trial.number)
+    if running is not None:  # another worker took the same proposal a moment ago: it measures, this one yields
+        stopped = run.stop(TrialStatus.SPARE, f"trial {running} is measuring the same configuration")
+        run.record(duplicate_of=running)
+        run.finish()
+        raise stopped
     reset_peak_memory(ctx.executor.loaded.device)
     try:
         compressed = _compress(run, candidate)
@@ -157,14 +144,20 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
     except optuna.TrialPruned:
         run.finish()
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        stopped = TrialStatus.TERMINATED if isinstance(exc, Terminated) else TrialStatus.INTERRUPTED
+        run.record(status=stopped, reason=f"{stopped.value} by a signal; it runs again when the study resumes")
         raise
+    except (OSError, *StorageTrouble):
+        raise  # the machine or the storage, not this candidate: end the run
     except Exception as exc:  # out of memory or a bug in one method: record it, free memory, go on
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        run.record(status=TrialStatus.FAILED, reason=f"{type(exc).__name__}: {exc}"[:500])
+        oom = isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+        run.record(status=TrialStatus.OUT_OF_MEMORY if oom else TrialStatus.FAILED,
+                   reason=f"{type(exc).__name__}: {exc}"[:500])
         run.finish()
-        raise
+        raise TrialFailed(str(exc)) from exc
     run.finish()
     return values
 
@@ -180,9 +173,9 @@ def _heartbeat_now(trial: optuna.Trial) -> None:
         storage.record_heartbeat(trial._trial_id)
 
 
-def _compress(run: TrialRun, candidate: pl.Pipeline) -> Compressed:
+def _compress(run: TrialRun, candidate) -> Compressed:
     try:
-        compressed = run.ctx.executor.compress(candidate)
+        compressed = run.ctx.space.compress(run.ctx.executor, candidate)
     except CompactMindError as exc:
         raise run.stop(TrialStatus.INVALID, str(exc)) from None
     fp = compressed.footprint
@@ -201,79 +194,88 @@ def _check_ratio(run: TrialRun, compressed: Compressed) -> None:
 
 
 def _evaluate(run: TrialRun, compressed: Compressed) -> tuple[float, ...]:
-    ctx, cfg = run.ctx, run.ctx.config
+    ctx, cfg, measure = run.ctx, run.ctx.config, run.ctx.measure
     stop = EarlyStop(ctx, run.trial.study, compressed.footprint.compression_ratio) if cfg.early_stop else None
     device = ctx.executor.loaded.device
     compress_peak = peak_memory(device)
     reset_peak_memory(device)
-    result = ctx.executor.evaluate(cfg.batch_size, stop=stop, progress=ctx.on_window)
+    result = measure.score(ctx.executor, cfg.batch_size, stop=stop)
     eval_peak = peak_memory(device)
-    run.record(perplexity=result.perplexity, eval_seconds=result.seconds, windows=result.windows,
-               eval_tokens=result.tokens, **{k: max(v, compress_peak.get(k, 0)) for k, v in eval_peak.items()},
+    run.record(**measure.attrs(result), **{k: max(v, compress_peak.get(k, 0)) for k, v in eval_peak.items()},
                peak_memory_bytes=eval_peak.get("peak_device_memory_bytes", eval_peak.get("peak_host_memory_bytes")))
-    run.record(window_nll=[round(x, 4) for x in result.window_nll])  # for later like-for-like comparisons
-    cap = cfg.ppl_cap_factor * ctx.dense["perplexity"]
-    set_constraint(run.trial, "perplexity_cap",
-                   result.perplexity - cap if not math.isnan(result.perplexity) else math.inf)
-    if not math.isfinite(result.perplexity):
-        raise run.stop(TrialStatus.NONFINITE, f"perplexity is {result.perplexity} (the compressed model diverges)")
+    value, name = result.value, measure.objective
+    cap = cfg.ppl_cap_factor * measure.dense_value if measure.capped and measure.dense_value else math.inf
+    set_constraint(run.trial, "perplexity_cap", math.inf if math.isnan(value) else 0.0 if cap == math.inf
+                   else value - cap)
+    if not math.isfinite(value):
+        raise run.stop(TrialStatus.NONFINITE, f"{name} is {value} (the compressed model diverges)")
     if result.stopped:
         raise run.stop(TrialStatus.EARLY_STOPPED, result.stopped)
-    if result.perplexity > cap:  # evaluated in full (no early stop) and over the cap: measured, infeasible
-        run.record(status=TrialStatus.OVER_CAP, reason=f"perplexity {result.perplexity:.4g} exceeds the cap "
-                                                        f"{cap:.4g} ({cfg.ppl_cap_factor}x dense)")
+    if value > cap:  # evaluated in full (no early stop) and over the cap: measured, infeasible
+        run.record(status=TrialStatus.OVER_CAP, reason=f"{name} {value:.4g} exceeds the cap {cap:.4g} "
+                                                        f"({cfg.ppl_cap_factor}x dense)")
     else:
         run.record(status=TrialStatus.OK)
     return run.values()
 
 
 class EarlyStop:
-    """`stop(running perplexity, windows done)` for one candidate: a reason to stop, or None. References are
-    taken on the windows the candidate has done (their full figure where none was recorded)."""
+    """`stop(running value, windows done)` for one candidate: a reason to stop, or None. References are taken
+    on the windows the candidate has done (their full figure where no per-window record exists)."""
+
+    RATIO_SLACK = 1e-4  # a dynamic study's profiles at the target differ by a few bytes: all are rivals
 
     def __init__(self, ctx: Context, study: optuna.Study, ratio: float):
-        self.ctx, self.cfg = ctx, ctx.config
-        self.min_windows = max(1, ctx.executor.data.windows.shape[0] // 4)
-        seq_len = ctx.executor.data.seq_len
-        # (perplexity, ratio, number, perplexity over the first k windows) of the finished feasible trials with
-        # at least this ratio: what the candidate is compared with
-        self.rivals = [(t.user_attrs["perplexity"], t.user_attrs["compression_ratio"], t.number,
-                        running_perplexity(t.user_attrs["window_nll"], seq_len) if t.user_attrs.get("window_nll")
-                        else None)
+        self.ctx, self.cfg, self.measure = ctx, ctx.config, ctx.measure
+        self.slack = self.RATIO_SLACK if ctx.config.dynamic else 0.0
+        self.min_windows = max(1, self.measure.windows.shape[0] // 4)
+        name, losses = self.measure.objective, self.measure.loss_attr
+        # (value, ratio, number, value over the first k windows) of the finished feasible trials with at least
+        # this ratio: what the candidate is compared with
+        self.rivals = [(t.user_attrs[name], t.user_attrs["compression_ratio"], t.number,
+                        self.measure.curve(t.user_attrs[losses]) if t.user_attrs.get(losses) else None)
                        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                       if t.user_attrs.get("compression_ratio", -1) >= ratio and feasible(t)]
+                       if name in t.user_attrs and t.user_attrs.get("compression_ratio", -1) >= ratio - self.slack
+                       and feasible(t)]
 
     def __call__(self, running: float, done: int) -> str | None:
-        cfg = self.cfg
-        dense_here = self.ctx.dense_running[done - 1] if self.ctx.dense_running else self.ctx.dense["perplexity"]
-        if running > cfg.ppl_cap_factor * dense_here:
-            return (f"running perplexity {running:.4g} after {done} windows exceeds {cfg.ppl_cap_factor}x the "
-                    f"dense model's on the same windows ({dense_here:.4g})")
+        cfg, name, dense = self.cfg, self.measure.objective, self.measure.dense_curve
+        if self.measure.capped and dense and running > cfg.ppl_cap_factor * dense[done - 1]:
+            return (f"running {name} {running:.4g} after {done} windows exceeds {cfg.ppl_cap_factor}x the "
+                    f"dense model's on the same windows ({dense[done - 1]:.4g})")
         if done >= self.min_windows:
-            for p, r, n, curve in self.rivals:
-                theirs = curve[done - 1] if curve else p
+            for value, ratio, number, curve in self.rivals:
+                theirs = curve[done - 1] if curve else value
                 if running > cfg.dominance_margin * theirs:
-                    return (f"running perplexity {running:.4g} after {done} windows is over {cfg.dominance_margin}x "
-                            f"that of trial {n} ({theirs:.4g} on the same windows) at ratio {r:.4f}")
+                    return (f"running {name} {running:.4g} after {done} windows is over {cfg.dominance_margin}x "
+                            f"that of trial {number} ({theirs:.4g} on the same windows) at ratio {ratio:.4f}")
         return None
 
 
-def _replay(trial: optuna.Trial, earlier: FrozenTrial) -> tuple[float, ...]:
+def _replay(run: TrialRun, earlier: FrozenTrial) -> tuple[float, ...]:
     """A sampler proposed a configuration already measured in this study: reuse its figures."""
-    for k, v in earlier.user_attrs.items():
-        trial.set_user_attr(k, v)
-    trial.set_user_attr("duplicate_of", earlier.number)
+    run.record(**{k: v for k, v in earlier.user_attrs.items() if k != "baseline"}, duplicate_of=earlier.number)
     for key in CONSTRAINTS:
         if key in earlier.constraints:
-            set_constraint(trial, key, earlier.constraints[key])
+            set_constraint(run.trial, key, earlier.constraints[key])
+    run.finish()
     if earlier.state == TrialState.COMPLETE:
         return tuple(earlier.values)
     raise Stopped(f"same configuration as trial {earlier.number}")
 
 
-def _finished_twin(study: optuna.Study, label: str, number: int) -> FrozenTrial | None:
+def _running_twin(study: optuna.Study, key: str, number: int) -> int | None:
+    """Another running trial with this configuration (recorded before this one looked): whoever sees the other
+    yields, so two workers never both measure it."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number != number and t.user_attrs.get("candidate") == key and "duplicate_of" not in t.user_attrs:
+            return t.number
+    return None
+
+
+def _finished_twin(study: optuna.Study, key: str, number: int) -> FrozenTrial | None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.number != number and t.user_attrs.get("pipeline") == label and "duplicate_of" not in t.user_attrs \
+        if t.number != number and t.user_attrs.get("candidate") == key and "duplicate_of" not in t.user_attrs \
                 and t.user_attrs.get("status") not in (None, TrialStatus.SPARE.value):
             return t
     return None

@@ -13,6 +13,8 @@ from optuna.trial import FrozenTrial, TrialState
 from compactmind.study.storage import safe_url
 
 STUDY_ATTR = "compactmind"  # the study's own user attribute: identity, settings, dense baseline
+TEST_ATTR = "compactmind:test:"  # + trial number: a dynamic study's test figures of a chosen trial
+QUALITY_OBJECTIVES = ("perplexity", "selection_perplexity", "selection_kl")
 
 
 @dataclass(frozen=True)
@@ -63,16 +65,25 @@ class TrialRecord:
         return out
 
     @classmethod
-    def of(cls, t: FrozenTrial, objectives: list[str]) -> "TrialRecord":
+    def of(cls, t: FrozenTrial, objectives: list[str], extra: dict | None = None) -> "TrialRecord":
+        """extra: figures kept outside the trial (a dynamic study's test figures, the ratio against the source)."""
         return cls(
             number=t.number, state=t.state.name,
             values=dict(zip(objectives, t.values)) if t.values else {},
             feasible=all(v <= 0 for v in t.constraints.values()) if t.constraints else None,
-            params=dict(t.params), attrs=dict(t.user_attrs),
+            params=dict(t.params), attrs={**_killed(t), **t.user_attrs, **(extra or {})},
             started=t.datetime_start.isoformat() if t.datetime_start else None,
             finished=t.datetime_complete.isoformat() if t.datetime_complete else None,
             duration_seconds=t.duration.total_seconds() if t.duration else None,
             retry_of=t.system_attrs.get("failed_trial"))
+
+
+def _killed(t: FrozenTrial) -> dict:
+    """A failed trial that recorded no status: its process died without a word, and the heartbeat failed it."""
+    if t.state == TrialState.FAIL and "status" not in t.user_attrs:
+        return {"status": "killed", "reason": "its process stopped without recording why (kill -9, a lost machine); "
+                                              "the storage heartbeat failed it and the study retries it"}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -80,15 +91,28 @@ class StudyRecords:
     study: str
     storage: str  # the URL with any password masked
     objectives: dict[str, str]  # name -> direction, in the study's order
+    quality: str  # the objective `best` minimises: perplexity, or a dynamic study's selection fitness
     target_ratio: float
     model: dict | None
     data: dict | None
     protocol: dict | None
     dense: dict | None
     trials: list[TrialRecord]
-    best: TrialRecord | None  # the feasible trial with the lowest perplexity
+    best: TrialRecord | None  # the feasible trial with the lowest quality objective
     pareto_front: list[TrialRecord]  # over every objective, sorted by compression ratio
     counts: dict[str, int] = field(default_factory=dict)
+    dynamic: dict | None = None  # levels, units and the rest setting of a dynamic study
+
+    @property
+    def source_note(self) -> str | None:
+        """For a model loaded from a quantized file: what it was, so no figure is read as from a dense model."""
+        model = self.model or {}
+        if not model.get("source_bytes"):
+            return None
+        dense32 = model["parameters"] * 4
+        return (f"loaded from a {model['source_format']} file: {model['source_bits_per_weight']:.2f} bits/weight as "
+                f"stored (ratio {1 - model['source_bytes'] / dense32:.4f} against FP32); ratios here are against "
+                f"FP32 weights, ratio_vs_source against that file")
 
     def trial(self, number: int) -> TrialRecord | None:
         return next((t for t in self.trials if t.number == number), None)
@@ -104,22 +128,39 @@ def objectives_of(study: optuna.Study) -> list[str]:
     return list(study.metric_names or ["perplexity", "compression_ratio"])
 
 
+def quality_of(study: optuna.Study) -> str:
+    return next(n for n in objectives_of(study) if n in QUALITY_OBJECTIVES)
+
+
 def collect(study: optuna.Study, storage_url: str) -> StudyRecords:
     """Everything a report needs, from the storage alone."""
     meta = study.user_attrs.get(STUDY_ATTR, {})
     identity = meta.get("identity", {})
-    names = objectives_of(study)
+    about = meta.get("about", identity)  # paths and labels, for a person; identity holds the content
+    names, quality, attrs = objectives_of(study), quality_of(study), study.user_attrs
     frozen = study.get_trials(deepcopy=False)
-    trials = [TrialRecord.of(t, names) for t in frozen]
+
+    source_bytes = (identity.get("model") or {}).get("source_bytes")
+
+    def record(t: FrozenTrial) -> TrialRecord:
+        extra = dict(attrs.get(f"{TEST_ATTR}{t.number}") or {})
+        if source_bytes and isinstance(t.user_attrs.get("model_bytes"), (int, float)):
+            extra["ratio_vs_source"] = 1.0 - t.user_attrs["model_bytes"] / source_bytes
+        return TrialRecord.of(t, names, extra)
+
+    trials = [record(t) for t in frozen]
     target = identity.get("target_ratio", 0.0)
     front = study.best_trials if any(t.state == TrialState.COMPLETE for t in frozen) else []
-    pareto = sorted((TrialRecord.of(t, names) for t in front), key=lambda r: r.compression_ratio)
+    pareto = sorted((record(t) for t in front if "duplicate_of" not in t.user_attrs),
+                    key=lambda r: r.compression_ratio)
     feasible = [r for r in trials if r.state == "COMPLETE" and r.feasible is not False
                 and r.compression_ratio >= target]
+    dynamic = {k: meta[k] for k in ("levels", "level_ratios", "level_seconds", "units", "rest_from")
+               if k in meta} or None
     return StudyRecords(
         study=study.study_name, storage=safe_url(storage_url),
-        objectives={n: d.name.lower() for n, d in zip(names, study.directions)},
-        target_ratio=target, model=identity.get("model"), data=identity.get("data"),
+        objectives={n: d.name.lower() for n, d in zip(names, study.directions)}, quality=quality,
+        target_ratio=target, model=about.get("model"), data=about.get("data"),
         protocol=identity.get("protocol"), dense=meta.get("dense"), trials=trials,
-        best=min(feasible, key=lambda r: r.perplexity) if feasible else None, pareto_front=pareto,
-        counts={s.name: sum(1 for r in trials if r.state == s.name) for s in TrialState})
+        best=min(feasible, key=lambda r: r.get(quality)) if feasible else None, pareto_front=pareto,
+        counts={s.name: sum(1 for r in trials if r.state == s.name) for s in TrialState}, dynamic=dynamic)

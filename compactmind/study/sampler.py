@@ -1,5 +1,5 @@
-"""Samplers: the exact candidate grid, and the strategy table (the one place a strategy name is bound to a
-sampler).
+"""Samplers: the exact candidate grid, EvoPress's evolutionary search over level profiles, and the strategy
+table (the one place a strategy name is bound to a sampler).
 
 The grid is exact: `CandidateSampler` walks the candidate list in order (single methods, then hybrids) and
 answers the define-by-run suggestions (`pipeline`, then `method.param` per step) from the candidate, so each
@@ -10,10 +10,12 @@ moment: each writes its pick, then looks for another holder, and whoever sees on
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+from optuna.distributions import IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -38,9 +40,10 @@ class CandidateSampler(BaseSampler):
         return label
 
     def holder(self, t: FrozenTrial) -> str | None:
-        """The candidate this trial holds: done, running, queued, or failed by an error of its own. A trial
-        killed or interrupted holds nothing: its retry (or the next run) does the candidate again."""
-        if t.state == TrialState.FAIL and t.user_attrs.get("status") != "failed":
+        """The candidate this trial holds: done, running, queued, or failed by an error of its own (re-running it
+        would fail again). A trial killed, interrupted or terminated holds nothing: its retry (or the next run)
+        does the candidate again."""
+        if t.state == TrialState.FAIL and t.user_attrs.get("status") not in ("failed", "out_of_memory"):
             return None
         return self.label_of(t)
 
@@ -84,19 +87,96 @@ class CandidateSampler(BaseSampler):
         return not self.remaining(study)
 
 
+class EvoPressSampler(BaseSampler):
+    """EvoPress's (1+λ) evolutionary search over level profiles (Sieberling et al., ICML 2025) as an Optuna
+    sampler whose only state is the study, so many workers can share one study: each offspring is a mutation of
+    the best feasible profile found so far (the parent), which changes as soon as an offspring beats it.
+
+    Mutation is the level switch: one unit one level more compressed, another unit of the same size one level
+    less, so the total size stays put; 1 to `max_switches` switches per offspring. Where levels are not evenly
+    spaced in bytes (2/3/4/8 bits), a profile over the budget gets more compression on random units until it
+    meets it. A profile the study already holds is not proposed again. Multi-step selection is the objective's
+    early stop: an offspring that falls behind its parent on the first selection windows is not scored on more.
+    Before any trial has finished, the sampler proposes the uniform profile (the study enqueues uniform and OWL).
+    """
+
+    def __init__(self, space, seed: int, max_switches: int = 3):
+        self.space, self.seed, self.max_switches = space, seed, max_switches
+        db = space.db
+        self.names = space.names
+        self.top = len(db.levels) - 1
+        self.size_class = [tuple(lv.unit_bytes[u] for lv in db.levels) for u in range(len(self.names))]
+
+    def infer_relative_search_space(self, study, trial):
+        return {name: IntDistribution(0, self.top) for name in self.names}
+
+    def sample_relative(self, study, trial, search_space):
+        if not search_space:
+            return {}
+        trials = study.get_trials(deepcopy=False)
+        parent = self._parent(trials)
+        if parent is None:
+            return {}
+        seen = {tuple(t.params.get(n) for n in self.names) for t in trials}
+        rng = random.Random(self.seed * 1_000_003 + trial.number)
+        child = parent
+        for _ in range(64):
+            child = self.mutate(parent, rng)
+            if child not in seen:
+                break
+        return dict(zip(self.names, child))
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        uniform = self.space.uniform()
+        return uniform.levels[self.names.index(param_name)] if uniform is not None else 0
+
+    def _parent(self, trials: list[FrozenTrial]) -> tuple[int, ...] | None:
+        quality = self.space.quality
+        done = [t for t in trials if t.state == TrialState.COMPLETE and quality in t.user_attrs
+                and all(n in t.params for n in self.names) and all(v <= 0 for v in t.constraints.values())]
+        if not done:
+            return None
+        best = min(done, key=lambda t: t.user_attrs[quality])
+        return tuple(int(best.params[n]) for n in self.names)
+
+    def mutate(self, parent: tuple[int, ...], rng: random.Random) -> tuple[int, ...]:
+        levels = list(parent)
+        units = range(len(levels))
+        for _ in range(rng.randint(1, self.max_switches)):
+            more = [u for u in units if levels[u] < self.top]
+            if not more:
+                break
+            a = rng.choice(more)
+            less = [u for u in units if u != a and levels[u] > 0 and self.size_class[u] == self.size_class[a]] \
+                or [u for u in units if u != a and levels[u] > 0]
+            if not less:
+                break
+            b = rng.choice(less)
+            levels[a] += 1
+            levels[b] -= 1
+        while not self.space.feasible(tuple(levels)):
+            more = [u for u in units if levels[u] < self.top]
+            if not more:
+                break
+            levels[rng.choice(more)] += 1
+        return tuple(levels)
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    make: Callable[[list[pl.Pipeline], int], BaseSampler]  # (candidates, seed) -> sampler
+    make: Callable[[object, int], BaseSampler]  # (the study's space, seed) -> sampler
     exhaustive: bool = False  # it enumerates its space and stops when done; the others run to a budget
+    levels_only: bool = False  # it searches level profiles: dynamic studies only
 
 
-def _optuna(factory) -> Callable[[list[pl.Pipeline], int], BaseSampler]:
-    return lambda _candidates, seed: factory(seed)
+def _optuna(factory) -> Callable[[object, int], BaseSampler]:
+    return lambda _space, seed: factory(seed)
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
-    Strategy("grid", lambda candidates, _seed: CandidateSampler(candidates), exhaustive=True),
+    Strategy("grid", lambda space, _seed: CandidateSampler(space.candidates), exhaustive=True),
+    Strategy("evopress", lambda space, seed: EvoPressSampler(space, seed), levels_only=True),
     Strategy("tpe", _optuna(lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                                                      constant_liar=True))),
     Strategy("nsga2", _optuna(lambda seed: optuna.samplers.NSGAIISampler(seed=seed))),

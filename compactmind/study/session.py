@@ -27,12 +27,14 @@ from compactmind.errors import ConfigError, StorageError
 from compactmind.data import Dataset
 from compactmind.models import LoadedModel
 from compactmind.study import records as rec
-from compactmind.study.objective import Context, objective
+from compactmind.study import profiles
+from compactmind.study.objective import Context, Terminated, TrialFailed, objective
 from compactmind.study.records import STUDY_ATTR
 from compactmind.study.sampler import STRATEGIES, CandidateSampler
-from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, check_storage, load_study, open_storage, safe_url,
-                                       study_names)
-from compactmind.trial import Executor, load
+from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
+from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, StorageTrouble, check_storage, load_study,
+                                       open_storage, safe_url, scrub, study_names)
+from compactmind.trial import SILENT, Executor, Progress, load
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,24 @@ def fingerprint(parts) -> str:
 
 
 def study_identity(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates: list[pl.Pipeline]) -> dict:
+    """What a study is, by content (never by path): a resumed run or a joining worker must match it."""
     n_params = sum(p.numel() for p in loaded.model.parameters())
+    source = loaded.source_info or {}
     return {
-        "model": {"name": loaded.name, "source": loaded.source, "parameters": n_params},
-        "data": data.info,
+        "model": {"name": loaded.name, "parameters": n_params, "weights": loaded.fingerprint,
+                  **({"source_format": source["format"], "source_bytes": source["bytes"],
+                      "source_bits_per_weight": round(source["bits_per_weight"], 4)} if source else {})},
+        "data": {k: data.info[k] for k in ("eval_ids", "calib_ids", "selection_ids", "windows", "calib_samples")
+                 if k in data.info},
         "protocol": {"seq_len": data.seq_len, "windows": data.info["windows"], "dtype": str(loaded.dtype)[6:],
                      "data_samples": cfg.data_samples, "seed": cfg.seed, "baseline_bits": cfg.baseline_bits},
         "target_ratio": cfg.target_ratio,
         "objectives": list(cfg.objectives),
         "search_space": fingerprint([str(c) for c in candidates]),
+        "search": {"strategy": cfg.strategy, "ppl_cap_factor": cfg.ppl_cap_factor, "early_stop": cfg.early_stop,
+                   "dominance_margin": cfg.dominance_margin},
+        **({"dynamic": {"granularity": cfg.granularity, "fitness": cfg.fitness,
+                        "selection_windows": cfg.selection_windows}} if cfg.dynamic else {}),
     }
 
 
@@ -58,38 +69,57 @@ def default_study_name(identity: dict) -> str:
     return f"{identity['model']['name']}-{fingerprint(identity)}"
 
 
-def _difference(key: str, stored, now) -> str:
-    def shown(v):
-        return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
-
-    if isinstance(now, (list, str, int, float)) and isinstance(stored, (list, str, int, float)):
-        return f"{key} (the study: {shown(stored)}; this run: {shown(now)})"
-    return key
+_WHAT = {"model.weights": "model weights (their content changed)", "data.eval_ids": "evaluation text (its tokens "
+         "changed)", "data.calib_ids": "calibration text (its tokens changed)", "data.selection_ids": "selection "
+         "text (its tokens changed)"}
 
 
-def create_or_resume(storage, name: str, identity: dict, cfg: RunConfig) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it when it exists and matches; a different study under the name is refused."""
+def _differences(stored: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between a stored identity and this run's, named for a person."""
+    out = []
+    for key in now:
+        old, new, name = stored.get(key), now[key], f"{prefix}{key}"
+        if fingerprint(old) == fingerprint(new):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{name}.")
+        elif name in _WHAT:
+            out.append(_WHAT[name])
+        else:
+            def shown(v):
+                return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+            out.append(f"{name} (the study: {shown(old)}; this run: {shown(new)})")
+    return out
+
+
+def check_identity(study: optuna.Study, identity: dict) -> None:
+    """Refuse a study made with other content or settings than this run's, naming what changed."""
+    stored = study.user_attrs.get(STUDY_ATTR, {}).get("identity")
+    if stored is not None and fingerprint(stored) != fingerprint(identity):
+        raise StorageError(f"Study {study.study_name!r} was made with a different "
+                           f"{'; '.join(_differences(stored, identity))}; pass the same settings, or a new "
+                           "--study_name (or leave it out to get one keyed by these settings).")
+
+
+def create_or_resume(storage, name: str, identity: dict, about: dict, cfg: RunConfig) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists and matches; a different study under the name is refused.
+    `about` (paths, labels) is recorded for reports but never compared."""
     if name in study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
-        stored = study.user_attrs.get(STUDY_ATTR, {}).get("identity")
-        if stored is not None and fingerprint(stored) != fingerprint(identity):
-            differs = [_difference(k, stored.get(k), identity[k]) for k in identity
-                       if fingerprint(identity[k]) != fingerprint(stored.get(k))]
-            raise StorageError(f"Study {name!r} was made with a different {'; '.join(differs)}; pass a new "
-                               "--study_name (or leave it out to get one keyed by these settings).")
-        if stored is None:  # the creating process died before it could write the study's settings
-            _describe(study, identity, cfg)
+        check_identity(study, identity)
+        if "identity" not in study.user_attrs.get(STUDY_ATTR, {}):  # its creator died before writing its settings
+            _describe(study, identity, about, cfg)
         return study, True
     directions = [OBJECTIVES[o] for o in cfg.objectives]
     study = optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=True)
-    _describe(study, identity, cfg)
+    _describe(study, identity, about, cfg)
     return study, False
 
 
-def _describe(study: optuna.Study, identity: dict, cfg: RunConfig) -> None:
+def _describe(study: optuna.Study, identity: dict, about: dict, cfg: RunConfig) -> None:
     study.set_metric_names(list(cfg.objectives))
     meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
-    meta.update(identity=identity, config=cfg.to_dict(study_only=True))
+    meta.update(identity=identity, about=about, config=cfg.to_dict(study_only=True))
     study.set_user_attr(STUDY_ATTR, meta)
 
 
@@ -110,73 +140,107 @@ def joined_config(local: RunConfig) -> RunConfig:
 
 
 def dense_baseline(study: optuna.Study, executor: Executor, batch_size: int) -> tuple[dict, bool]:
-    """The dense model's perplexity, measured once per study and kept in the study; (figures, measured now)."""
+    """The dense model's perplexity on the test windows (and on a dynamic study's selection windows), measured
+    once per study and kept in the study; (figures, measured now)."""
     meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
-    if "dense" in meta:
+    selection = executor.data.selection
+    if "dense" in meta and (selection is None or "selection_perplexity" in meta["dense"]):
         return meta["dense"], False
     executor.restore()
     result = executor.evaluate(batch_size)
-    meta["dense"] = {"perplexity": result.perplexity, "windows": result.windows, "tokens": result.tokens,
-                     "seconds": result.seconds, "compression_ratio": 0.0,
-                     "dtype": str(executor.loaded.dtype).replace("torch.", ""),
-                     "window_nll": [round(x, 4) for x in result.window_nll]}
+    dense = {"perplexity": result.perplexity, "windows": result.windows, "tokens": result.tokens,
+             "seconds": result.seconds, "compression_ratio": 0.0, "sparsity": 0.0,
+             "model_bytes": executor.reference.dense_bytes, "bits_per_weight": float(executor.reference.baseline_bits),
+             "dtype": str(executor.loaded.dtype).replace("torch.", ""),
+             "window_nll": [round(x, 4) for x in result.window_nll]}
+    if selection is not None:
+        picked = executor.evaluate(batch_size, windows=selection)
+        dense.update(selection_perplexity=picked.perplexity, selection_kl=0.0,
+                     selection_window_nll=[round(x, 4) for x in picked.window_nll])
+    meta["dense"] = dense
     study.set_user_attr(STUDY_ATTR, meta)
-    return meta["dense"], True
+    return dense, True
 
 
 @dataclass
 class Session:
-    """An open study with its model, data and candidates, ready to run trials."""
+    """An open study with its model, data and search space, ready to run trials."""
 
     study: optuna.Study
     config: RunConfig
     executor: Executor
-    candidates: list[pl.Pipeline]
+    space: PipelineSpace | LevelSpace
+    measure: Measure
     dense: dict
     resumed: bool
     dense_measured: bool
+
+    @property
+    def size(self) -> int | None:
+        """How many configurations an exhaustive strategy runs (None: the space is searched to a budget)."""
+        return len(self.space.candidates) if STRATEGIES[self.config.strategy].exhaustive else None
 
     def records(self) -> rec.StudyRecords:
         return rec.collect(self.study, self.config.storage)
 
 
-def candidates_of(cfg: RunConfig) -> list[pl.Pipeline]:
+def candidates_of(cfg: RunConfig, model=None) -> list[pl.Pipeline]:
+    """The study's candidates (a dynamic study's levels); given the model, those that do the same to it as an
+    earlier one are left out (logged)."""
     candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids, cfg.grids)
     if not candidates:
         raise ConfigError("No candidate pipelines: --methods names no method; pass at least one.")
+    if model is None:
+        return candidates
+    candidates, dropped = pl.distinct(model, candidates)
+    for same, kept in dropped:
+        log.info("%s does the same to this model as %s: searched once", same, kept)
     return candidates
 
 
-def open_session(cfg: RunConfig) -> Session:
-    """Load model and data, then create the study or resume it (refusing one made with other settings)."""
-    candidates = candidates_of(cfg)
-    check_storage(cfg.storage)  # fail before a long model load, and create nothing yet
+def open_session(cfg: RunConfig, progress: Progress = SILENT) -> Session:
+    """Load model and data, then create the study or resume it (refusing one made with other settings); a
+    dynamic study also opens its level database. `progress` hears about every long step."""
+    candidates_of(cfg)  # bad methods or grids fail before a long model load
+    check_storage(cfg.storage)  # likewise, and nothing is created yet
     loaded, data = load(cfg)
+    candidates = candidates_of(cfg, loaded.model)
     storage = open_storage(cfg.storage)
     identity = study_identity(loaded, data, cfg, candidates)
+    about = {"model": {**identity["model"], "source": loaded.source}, "data": data.info,
+             "candidates": [str(c) for c in candidates]}
     name = cfg.study_name or default_study_name(identity)
-    study, resumed = create_or_resume(storage, name, identity, cfg)
-    log.info("%s study %r in %s: %d candidates (%d single, %d hybrid), target ratio %s",
-             "resuming" if resumed else "new", name, safe_url(cfg.storage), len(candidates), sum(not c.is_hybrid for c in candidates), sum(c.is_hybrid for c in candidates),
-             cfg.target_ratio)
-    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits)
+    study, resumed = create_or_resume(storage, name, identity, about, cfg)
+    what = f"{len(candidates)} levels per {cfg.granularity}" if cfg.dynamic else \
+        f"{len(candidates)} candidates ({sum(c.is_hybrid for c in candidates)} hybrid)"
+    log.info("%s study %r in %s: %s, target ratio %s", "resuming" if resumed else "new", name,
+             safe_url(cfg.storage), what, cfg.target_ratio)
+    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, progress=progress)
     dense, measured = dense_baseline(study, executor, cfg.batch_size)
     log.info("dense perplexity %.4f (%d windows; %s)", dense["perplexity"], dense["windows"],
              f"measured in {dense['seconds']:.1f} s" if measured else "read from the study")
-    return Session(study, cfg, executor, candidates, dense, resumed, measured)
+    if cfg.dynamic:
+        space = profiles.level_space(cfg, executor, candidates, study)
+        measure = Measure(cfg.quality, data.selection, "selection_", dense)
+        measure.prepare(executor)
+    else:
+        space = PipelineSpace(candidates, pl.search_spaces(cfg.methods, cfg.grids))
+        measure = Measure("perplexity", data.windows, "", dense)
+    return Session(study, cfg, executor, space, measure, dense, resumed, measured)
 
 
-def run_trials(session: Session, on_trial: Callable[[dict], None] | None = None,
-               on_window: Callable[[int, int], None] | None = None) -> bool:
+def run_trials(session: Session) -> str | None:
     """Run trials until the grid is done (here or by other workers) or the budget (--n_trials/--timeout) is
-    spent; returns True when interrupted by Ctrl-C. Trials left RUNNING by dead workers are failed by the
-    heartbeat and retried."""
+    spent. Returns None, or "interrupted" (Ctrl-C) or "terminated" (SIGTERM): the trial running then is failed
+    with that reason and runs again when the study resumes. Trials left RUNNING by dead workers are failed by
+    the heartbeat and retried."""
     cfg, study = session.config, session.study
-    ctx = Context(session.executor, cfg, session.candidates, pl.search_spaces(cfg.methods, cfg.grids),
-                  session.dense, on_trial, on_window)
+    ctx = Context(session.executor, cfg, session.space, session.measure, session.dense)
     strategy = STRATEGIES[cfg.strategy]
-    study.sampler = strategy.make(session.candidates, cfg.seed)
-    guard = _Interrupts()
+    study.sampler = strategy.make(session.space, cfg.seed)
+    guard = _Signals()
+    optuna.storages.fail_stale_trials(study)  # trials a killed process left RUNNING: failed, then retried
+    _fail_orphans(study)
     with guard:
         try:
             if isinstance(study.sampler, CandidateSampler):
@@ -184,38 +248,42 @@ def run_trials(session: Session, on_trial: Callable[[dict], None] | None = None,
             else:
                 budget = cfg.n_trials or (None if cfg.timeout or strategy.exhaustive else 100)
                 study.optimize(guard.wrap(lambda trial: objective(ctx, trial)), n_trials=budget,
-                               timeout=cfg.timeout, catch=(Exception,))
-        except KeyboardInterrupt:
-            return True
-    return False
+                               timeout=cfg.timeout, catch=(TrialFailed,))
+            if cfg.dynamic:
+                guard.inside = True  # a signal now interrupts the final measurement; it resumes next time
+                profiles.finalize(study, session.space, session.executor, cfg.batch_size)
+        except KeyboardInterrupt as exc:
+            return "terminated" if isinstance(exc, Terminated) else "interrupted"
+    return None
 
 
-class _Interrupts:
-    """Ctrl-C inside a trial raises there, so Optuna marks that trial FAIL (it is re-run on resume); outside
-    one (while a trial is being created) it only asks the loop to stop, so no trial is left RUNNING."""
+class _Signals:
+    """Ctrl-C (SIGINT) and SIGTERM inside a trial raise there, so Optuna marks that trial FAIL with the reason
+    recorded (it runs again on resume); outside one (while a trial is being created) they only ask the loop to
+    stop, so no trial is left RUNNING."""
 
     def __init__(self):
-        self.stop = self.inside = False
-        self.previous = None
+        self.stop: type[KeyboardInterrupt] | None = None
+        self.inside = False
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
-    def _on_sigint(self, _signum, _frame):
-        self.stop = True
+    def _on_signal(self, signum, _frame):
+        self.stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         if self.inside:
-            raise KeyboardInterrupt
+            raise self.stop
 
     def wrap(self, fn):
         def guarded(trial):
-            if self.stop:
-                raise KeyboardInterrupt
+            self.check()
             self.inside = True
             try:
                 return fn(trial)
@@ -224,11 +292,11 @@ class _Interrupts:
         return guarded
 
     def check(self) -> None:
-        if self.stop:
-            raise KeyboardInterrupt
+        if self.stop is not None:
+            raise self.stop
 
 
-def _run_grid(study: optuna.Study, cfg: RunConfig, guard: _Interrupts, guarded) -> None:
+def _run_grid(study: optuna.Study, cfg: RunConfig, guard: _Signals, guarded) -> None:
     sampler: CandidateSampler = study.sampler
     started, count = time.monotonic(), 0
     while (cfg.n_trials is None or count < cfg.n_trials) and \
@@ -238,7 +306,7 @@ def _run_grid(study: optuna.Study, cfg: RunConfig, guard: _Interrupts, guarded) 
         _fail_orphans(study)
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials) or not sampler.is_done(study):
-            study.optimize(guarded, n_trials=1, catch=(Exception,))
+            study.optimize(guarded, n_trials=1, catch=(TrialFailed,))
             count += 1
         elif any(t.state == TrialState.RUNNING for t in trials):
             time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for heartbeat
@@ -260,14 +328,27 @@ def _fail_orphans(study: optuna.Study) -> None:
 
 
 def open_records(storage_url: str, study_name: str) -> tuple[optuna.Study, rec.StudyRecords]:
-    """A study and its records, for commands that only read (report, best, compare, export)."""
-    study = load_study(open_storage(storage_url, create=False), study_name)
+    """A study and its records, for commands that only read (report, best, compare, export): reading needs no
+    write access to the database or its folder."""
+    study = load_study(open_storage(storage_url, create=False, readonly=True), study_name)
     return study, rec.collect(study, storage_url)
 
 
 def write_reports(study: optuna.Study, records: rec.StudyRecords, storage_url: str, out_dir: Path) -> list[Path]:
+    """The report files, and the study's note and plots for the dashboard (skipped, with a warning, when the
+    storage cannot be written)."""
     from compactmind import dashboard, report
 
     paths = report.write(records, out_dir)
-    dashboard.publish(study, records, storage_url, paths)
+    try:
+        dashboard.publish(study, records, storage_url, paths)
+    except StorageTrouble as exc:
+        log.warning("the dashboard note was not updated (%s)", scrub(str(exc).splitlines()[0], storage_url)[:200])
     return paths
+
+
+def publish_note(session: Session) -> None:
+    """Keep the dashboard's study note current (a worker's trials change it too)."""
+    from compactmind import dashboard
+
+    dashboard.publish(session.study, session.records(), session.config.storage)

@@ -98,6 +98,13 @@ def _has_studies_table(path: Path) -> bool:
         return False
 
 
+try:
+    from sqlalchemy.exc import SQLAlchemyError as _DriverError
+except ImportError:  # sqlalchemy comes with optuna; a server driver error is one of its errors
+    _DriverError = RuntimeError
+StorageTrouble = (optuna.exceptions.StorageInternalError, _DriverError)  # the storage itself failed
+
+
 def _is_locked(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 8:

@@ -1,0 +1,181 @@
+"""Checkpoints that serving stacks load without compactmind: compressed-tensors (what vLLM serves, and what
+transformers loads with the compressed-tensors package installed) and plain dense Hugging Face checkpoints.
+
+compressed-tensors (https://github.com/neuralmagic/compressed-tensors): each block linear that a pipeline
+quantized becomes a quantization scheme in config.json's `quantization_config`, grouped by settings:
+  - k-bit weights (RTN, GPTQ, AWQ; any mix of bit widths per layer, as a dynamic profile makes): format
+    `pack-quantized` (W{k}A16): codes packed into int32, `weight_scale` per group (or per output channel),
+    `weight_zero_point` packed likewise when asymmetric. compactmind's unsigned codes c with zero point z become
+    the signed codes c - 2^(k-1) with zero point z - 2^(k-1): the same weights, bit for bit.
+  - SmoothQuant W8A8: format `int-quantized`: int8 weights with a scale per output channel, activations
+    quantized per token, dynamically, at every forward (int8 kernels in vLLM).
+  - weights outside the quantized linears are stored in the narrowest float type that holds them exactly.
+`"dequantize": true` in the quantization config tells transformers to unpack the weights on load (on a CPU it
+has no int kernels); vLLM reads the packed tensors. transformers does not quantize activations on that path,
+so a W8A8 model's logits there differ slightly from the evaluated ones (vLLM applies them).
+
+Refused, before any work, with the reason: structured pruning (per-layer shapes a config cannot describe) and
+unstructured or N:M sparsity (the compressed-tensors release installed with compactmind and transformers 5.x
+load no sparse format; `--format dense` writes the zeros, `--format packed` stores them compactly).
+
+`dense`: the compressed weights in FP16 (BF16 when a step cast to BF16), a plain checkpoint for
+lm-evaluation-harness and any tool; k-bit weights are exact in FP16 only up to FP16's 11-bit mantissa.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compactmind.errors import ConfigError
+from compactmind.footprint import parameters
+from compactmind.formats import entry
+from compactmind.models import block_linears
+
+FORMATS = ("packed", "compressed-tensors", "dense")
+
+
+def refusal(step_methods: list[list[str]], fmt: str) -> str | None:
+    """Why a format cannot hold these pipelines (lists of method names per pipeline), or None."""
+    from compactmind.registry import Kind, get_method
+
+    if fmt == "packed":
+        return None
+    for methods in step_methods:
+        if "l2_pruning" in methods:
+            return (f"--format {fmt} cannot hold l2_pruning: it removes channels and heads per block, which a "
+                    "Hugging Face config cannot describe; use --format packed.")
+        pruned = [m for m in methods if get_method(m).kind == Kind.PRUNING]
+        if pruned and fmt == "compressed-tensors":
+            return (f"--format compressed-tensors cannot hold {pruned[0]}: the compressed-tensors and transformers "
+                    "releases installed here load no sparse format; use --format dense (the zeros written out) or "
+                    "--format packed.")
+    return None
+
+
+def _write_folder(out: Path, write) -> None:
+    """Write into a temporary sibling, then rename it into place (a reader never sees half a folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _exact_float(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in the narrowest float type that holds its values exactly."""
+    t = t.detach().cpu()
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = t.to(dtype)
+        if torch.equal(narrow.to(t.dtype), t):
+            return narrow.contiguous()
+    return t.float().contiguous()
+
+
+def _config(model: nn.Module, extra: dict, dtype: str) -> dict:
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)  # a path of the machine it was made on
+    config.pop("auto_map", None)
+    config["dtype"] = dtype
+    config.update(extra)
+    return config
+
+
+def _save(model: nn.Module, tokenizer, folder: Path, tensors: dict, config: dict, manifest: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / "compactmind.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def write_dense(model: nn.Module, tokenizer, out: Path, manifest: dict) -> dict:
+    """The compressed weights as a plain FP16 (or BF16) checkpoint."""
+    bf16 = any(entry(m, p).format.bits == 16 and not torch.equal(t.to(torch.float16).float(), t.float())
+               for _, m, p, t in parameters(model))
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    tensors = {name: t.detach().cpu().to(dtype).contiguous() for name, _, _, t in parameters(model)}
+    manifest = {**manifest, "format": {"name": "dense", "dtype": str(dtype)[6:]},
+                "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    _write_folder(out, lambda folder: _save(model, tokenizer, folder, tensors, _config(model, {}, str(dtype)[6:]),
+                                            manifest))
+    return manifest
+
+
+def write_compressed_tensors(model: nn.Module, tokenizer, out: Path, manifest: dict) -> dict:
+    """The trial's model in the compressed-tensors format (see the module docstring)."""
+    try:
+        from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                     QuantizationStatus)
+    except ImportError:
+        raise ConfigError("--format compressed-tensors needs the compressed-tensors package; "
+                          "pip install 'compactmind[export]'.") from None
+    groups: dict[str, tuple] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = set()
+    for name, linear in block_linears(model):
+        e = entry(linear)
+        if not e.format.scaled:
+            continue
+        f, half, cols = e.format, 2 ** (e.format.bits - 1), linear.in_features
+        group = f.group_size if f.group_size and f.group_size < cols else None  # one group per row: a channel
+        if group and cols % group:
+            raise ConfigError(f"{name} has {cols} input columns, not a multiple of group_size {group}; "
+                              "compressed-tensors stores whole groups only; use --format packed.")
+        weights = QuantizationArgs(num_bits=f.bits, type="int", symmetric=not f.zero_point,
+                                   strategy="group" if group else "channel", group_size=group)
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) \
+            if e.act_quant else None
+        scheme = QuantizationScheme(targets=[name], weights=weights, input_activations=acts)
+        state = {"weight": linear.weight.detach().float().cpu(), "weight_scale": e.qparams.scale.float().cpu()}
+        if f.zero_point:
+            state["weight_zero_point"] = (e.qparams.zero.to(torch.int16) - half).to(torch.int8).cpu()
+        compressor = NaiveQuantizationCompressor if e.act_quant else PackedQuantizationCompressor
+        for key, value in compressor.compress(state, scheme).items():
+            tensors[f"{name}.{key}"] = value.contiguous()  # FP16 values, kept in FP32: dequantized exactly
+        key = json.dumps([weights.model_dump(), acts.model_dump() if acts else None], sort_keys=True, default=str)
+        groups.setdefault(key, (weights, acts, e.act_quant, []))[3].append(name)
+        quantized.add(f"{name}.weight")
+    if not groups:
+        raise ConfigError("This trial quantizes no layer, so compressed-tensors has nothing to describe; use "
+                          "--format dense.")
+    rest = {name: _exact_float(t) for name, _, _, t in parameters(model) if name not in quantized}
+    tensors.update(rest)
+    formats = {g[2] for g in groups.values()}
+    config = QuantizationConfig(
+        config_groups={f"group_{i}": QuantizationScheme(targets=names, weights=w, input_activations=a)
+                       for i, (w, a, _, names) in enumerate(groups.values())},
+        format="int-quantized" if formats == {True} else "pack-quantized" if formats == {False} else "mixed-precision",
+        quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"])
+    qc = {**config.model_dump(exclude_none=True), "quant_method": "compressed-tensors", "dequantize": True}
+    if formats == {True, False}:  # per-group formats
+        for group in qc["config_groups"].values():
+            group["format"] = "int-quantized" if group.get("input_activations") else "pack-quantized"
+    dtype = "float16" if all(t.dtype == torch.float16 for t in rest.values()) else "float32"
+    manifest = {**manifest, "format": {"name": "compressed-tensors", "format": qc["format"]},
+                "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    _write_folder(out, lambda folder: _save(model, tokenizer, folder, tensors,
+                                            _config(model, {"quantization_config": qc}, dtype), manifest))
+    return manifest

@@ -1,0 +1,106 @@
+"""A dynamic study's own steps: its level database and search space, the baselines every such study measures
+(the uniform profile at the target and an OWL-style allocation, enqueued as its first trials), and the final
+measurement of the chosen profiles on the test windows.
+
+Selection happens on validation text; at the end the best profile, the Pareto front and the two baselines are
+measured on the test windows, and those figures are kept in the study (one study attribute per trial,
+`compactmind:test:N`: a finished trial's own attributes cannot change), so reports show both figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from compactmind import pipeline as pl
+from compactmind.config import RunConfig
+from compactmind.dynamic import LevelDB, open_db, outlier_ratios, owl_profile
+from compactmind.study.records import STUDY_ATTR, TEST_ATTR, quality_of
+from compactmind.study.spaces import LevelSpace, Measure
+from compactmind.study.storage import sqlite_path
+from compactmind.trial import Executor
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("uniform", "owl")
+
+
+def levels_root(cfg: RunConfig) -> Path:
+    """Where level databases live: --levels_dir, else beside the SQLite file, else storage/levels."""
+    if cfg.levels_dir:
+        return Path(cfg.levels_dir)
+    path = sqlite_path(cfg.storage)
+    return (path.parent if path is not None else Path("storage")) / "levels"
+
+
+def open_levels(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline]) -> LevelDB:
+    """The study's level database, keyed by model, calibration data and protocol: read back, or built."""
+    loaded, data = executor.loaded, executor.data
+    key = {"model": [loaded.name, loaded.source, sum(p.numel() for p in loaded.model.parameters())],
+           "calibration": [data.info["calib_source"], data.info["calib_tokens"], data.seq_len, cfg.seed],
+           "dtype": str(loaded.dtype), "device": loaded.device.type,
+           "baseline_bits": cfg.baseline_bits}
+    return open_db(executor, levels, cfg.granularity, levels_root(cfg), key, executor.progress.level)
+
+
+def level_space(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline], study: optuna.Study) -> LevelSpace:
+    """Open (or build) the level database, record its levels in the study, and enqueue the baselines."""
+    db = open_levels(cfg, executor, levels)
+    space = LevelSpace(db, cfg.granularity, cfg.target_ratio, executor.reference.dense_bytes, cfg.quality)
+    meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
+    if "levels" not in meta:
+        meta.update(levels=db.labels, level_ratios=[lv.ratio for lv in db.levels], units=space.names,
+                    rest_from=db.rest_from, level_seconds=[lv.manifest.get("compress_seconds") for lv in db.levels])
+        study.set_user_attr(STUDY_ATTR, meta)
+    _enqueue_baselines(study, space, executor)
+    return space
+
+
+def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executor) -> None:
+    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    if set(BASELINES) <= present:
+        return
+    uniform = space.uniform()
+    if uniform is None:
+        log.warning("no level meets the target ratio %s: not even the most compressing one", space.target_ratio)
+        return
+    executor.restore()
+    owl = owl_profile(space.db, outlier_ratios(executor.model, executor.data.calib, space.db.units), space.feasible)
+    for kind, profile in (("uniform", uniform), ("owl", owl)):
+        if kind not in present and profile is not None:
+            study.enqueue_trial(dict(zip(space.names, profile.levels)), user_attrs={"baseline": kind})
+
+
+def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_size: int) -> list[int]:
+    """Measure the chosen profiles on the test windows (once each): the best, the Pareto front, the baselines.
+    Returns the trial numbers measured now."""
+    test = Measure("perplexity", executor.data.windows, "", None)
+    done = []
+    for t in chosen(study, space):
+        if f"{TEST_ATTR}{t.number}" in study.user_attrs:
+            continue
+        compressed = executor.assemble(space.db, LevelSpace.profile_of(t.params, space.names))
+        result = test.score(executor, batch_size)
+        study.set_user_attr(f"{TEST_ATTR}{t.number}", test.attrs(result))
+        log.info("trial %d on the test windows: perplexity %.4f (ratio %.4f, %s)", t.number, result.value,
+                 compressed.footprint.compression_ratio, t.user_attrs.get("baseline") or "searched")
+        done.append(t.number)
+    return done
+
+
+def chosen(study: optuna.Study, space: LevelSpace) -> list[optuna.trial.FrozenTrial]:
+    """The trials a dynamic study reports on the test windows: its baselines, its best, its Pareto front."""
+    quality = quality_of(study)
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if all(n in t.params for n in space.names) and "duplicate_of" not in t.user_attrs]
+    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+    picks = {t.number: t for t in complete if t.user_attrs.get("baseline") in BASELINES}
+    if feasible:
+        best = min(feasible, key=lambda t: t.user_attrs[quality])
+        picks[best.number] = best
+        picks.update({t.number: t for t in study.best_trials if "duplicate_of" not in t.user_attrs})
+    return [picks[n] for n in sorted(picks)]
+

@@ -1,0 +1,256 @@
+"""Dynamic compression on a tiny real Llama: the level database, assembly, the level-switch mutation, and whole
+dynamic studies through the CLI (resume, many workers, kill -9 mid-build and mid-trial)."""
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from compactmind import pipeline as pl
+from compactmind.cli import main
+from compactmind.data import Dataset
+from compactmind.dynamic import Profile, open_db, owl_profile, units_of
+from compactmind.errors import ConfigError
+from compactmind.footprint import measure
+from compactmind.models import LoadedModel, decoder_layers
+from compactmind.study.sampler import EvoPressSampler
+from compactmind.study.spaces import LevelSpace
+from compactmind.trial import Executor
+
+from conftest import tiny_model
+
+IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(4))
+LEVELS = ["gptq(bits=2, group_size=32)", "gptq(bits=3, group_size=32)", "gptq(bits=4, group_size=32)"]
+
+
+def executor_for(model, samples: int = 3) -> Executor:
+    g = torch.Generator().manual_seed(5)
+    data = Dataset(torch.randint(0, 320, (2, 40), generator=g), torch.randint(0, 320, (samples, 40), generator=g),
+                   40, {"calib_source": "random ids", "calib_tokens": samples * 40})
+    return Executor(LoadedModel(model, None, "tiny", "tiny", torch.device("cpu"), torch.float32), data)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def build(tmp_path, levels=LEVELS, granularity="block", model=None):
+    executor = executor_for(model or tiny_model(num_hidden_layers=4))
+    db = open_db(executor, [pl.parse(t) for t in levels], granularity, tmp_path / "levels", {"test": 1})
+    return executor, db
+
+
+def test_an_assembled_profile_is_each_block_of_its_uniform_level(tmp_path):
+    executor, db = build(tmp_path)
+    profile = Profile((2, 0, 1, 2))
+    executor.assemble(db, profile)
+    assembled = logits(executor.model)
+    # what the database promises: block i as applying level l_i to the whole model leaves it
+    uniform = []
+    for text in db.labels:
+        model = tiny_model(num_hidden_layers=4)
+        executor_for(model).compress(pl.parse(text))
+        uniform.append(model)
+    expected = tiny_model(num_hidden_layers=4)
+    for i, level in enumerate(profile.levels):
+        decoder_layers(expected)[i].load_state_dict(decoder_layers(uniform[level])[i].state_dict())
+    top = uniform[-1]  # the rest (embeddings, final norm, head) as the most compressing level leaves it
+    expected.model.embed_tokens.load_state_dict(top.model.embed_tokens.state_dict())
+    expected.model.norm.load_state_dict(top.model.norm.state_dict())
+    expected.lm_head.load_state_dict(top.lm_head.state_dict())
+    assert torch.equal(assembled, logits(expected))
+    assert not torch.equal(assembled, logits(uniform[0]))
+
+
+def test_the_ratio_of_a_profile_is_exact_before_any_evaluation(tmp_path):
+    executor, db = build(tmp_path, LEVELS + ["magnitude(sparsity=0.5)"])
+    for levels in [(0, 0, 0, 0), (3, 2, 1, 0), (1, 3, 3, 2)]:
+        compressed = executor.assemble(db, Profile(levels))
+        assert compressed.footprint == measure(executor.model, executor.reference)  # bytes, ratio, sparsity
+
+
+def test_levels_are_ordered_by_ratio_and_units_follow_the_granularity(tmp_path):
+    _, db = build(tmp_path, [LEVELS[1], LEVELS[0], LEVELS[2]])
+    assert db.labels == [str(pl.parse(t)) for t in reversed(LEVELS)]  # index 0 compresses least: 4, 3, 2 bits
+    ratios = [lv.ratio for lv in db.levels]
+    assert ratios == sorted(ratios) and len(set(ratios)) == 3
+    model = tiny_model(num_hidden_layers=2)
+    assert [u.name for u in units_of(model, "block")] == ["block.0", "block.1"]
+    assert len(units_of(model, "linear")) == 2 * 7 and units_of(model, "linear")[0].name == "block.0.self_attn.q_proj"
+
+
+def test_linear_granularity_refuses_methods_that_reach_outside_a_linear(tmp_path):
+    with pytest.raises(ConfigError, match="use --granularity block"):
+        build(tmp_path, ["awq(bits=4, group_size=32)"], "linear")
+    executor, db = build(tmp_path, LEVELS, "linear")
+    profile = Profile(tuple(random.Random(0).randrange(3) for _ in db.units))
+    compressed = executor.assemble(db, profile)
+    assert compressed.footprint == measure(executor.model, executor.reference)
+
+
+def test_the_database_is_read_back_from_disk_not_rebuilt(tmp_path, monkeypatch):
+    executor, db = build(tmp_path)
+    executor.assemble(db, Profile((0, 1, 2, 1)))
+    in_memory = logits(executor.model)
+    folders = sorted((tmp_path / "levels").glob("*/level-*"))
+    stamps = {f: (f / "units.safetensors").stat().st_mtime_ns for f in folders}
+    seen = []
+    monkeypatch.setattr("compactmind.dynamic._available_bytes", lambda device: 0)  # too big: units from disk
+    executor2 = executor_for(tiny_model(num_hidden_layers=4))
+    db2 = open_db(executor2, [pl.parse(t) for t in LEVELS], "block", tmp_path / "levels", {"test": 1},
+                  lambda i, n, label, how: seen.append(how))
+    assert all(how.startswith("read from disk") for how in seen) and len(seen) == 3
+    assert all(lv.modules is None for lv in db2.levels)
+    executor2.assemble(db2, Profile((0, 1, 2, 1)))
+    assert torch.equal(logits(executor2.model), in_memory)  # packed on disk, unpacked bit for bit
+    assert {f: (f / "units.safetensors").stat().st_mtime_ns for f in folders} == stamps
+
+
+def test_level_switch_mutation_keeps_the_ratio_and_owl_meets_the_target(tmp_path):
+    executor, db = build(tmp_path)
+    uniform_bytes = db.bytes_of(Profile((1, 1, 1, 1)))
+    target = 1 - uniform_bytes / executor.reference.dense_bytes
+    space = LevelSpace(db, "block", target, executor.reference.dense_bytes, "selection_perplexity")
+    sampler = EvoPressSampler(space, seed=0)
+    rng = random.Random(1)
+    children = {sampler.mutate((1, 1, 1, 1), rng) for _ in range(40)}
+    assert len(children) > 3  # it explores
+    for child in children:
+        assert db.bytes_of(Profile(child)) == uniform_bytes  # evenly spaced levels: a switch moves no byte
+    owl = owl_profile(db, [0.9, 0.1, 0.5, 0.2], space.feasible)
+    assert space.feasible(owl) and owl.levels[0] < owl.levels[1]  # more outliers: less compression
+
+
+def dynamic_args(model_dir, tmp_path, *extra, name="dyn"):
+    return ["-q", "run", "--dynamic", "--model_path", str(model_dir), "--data_path", str(tmp_path / "data" / "test.txt"),
+            "--seq_len", "48", "--max_eval_windows", "3", "--data_samples", "3", "--selection_windows", "2",
+            "--methods", "rtn", "--no_hybrids", "--target_ratio", "0.74", "--storage", f"sqlite:///{tmp_path}/s.db",
+            "--study_name", name, "--output_dir", str(tmp_path / "out"), *extra]
+
+
+@pytest.fixture()
+def data_dir(tmp_path, text_file):
+    (tmp_path / "data").mkdir()
+    text = text_file.read_text()
+    (tmp_path / "data" / "test.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "data" / "valid.txt").write_text(text[len(text) // 2:])
+    return tmp_path
+
+
+def test_a_dynamic_study_through_the_cli_then_resumed(tiny_model_dir, data_dir, capsys):
+    tmp = data_dir
+    assert main(dynamic_args(tiny_model_dir, tmp, "--n_trials", "12")) == 0
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    assert report["quality"] == "selection_perplexity" and list(report["objectives"]) == [
+        "selection_perplexity", "compression_ratio"]
+    trials = report["trials"]
+    assert {t.get("baseline") for t in trials} >= {"uniform"}
+    for t in trials:
+        assert list(t["params"]) == ["block.0", "block.1"] and t["profile"] == [t["params"]["block.0"],
+                                                                                  t["params"]["block.1"]]
+        if t["state"] == "COMPLETE":
+            assert t["selection_windows"] == 2 and "window_nll" not in t or t.get("perplexity") is not None
+    tested = [t for t in trials if t.get("perplexity") is not None]
+    assert tested and report["best"]["number"] in {t["number"] for t in tested}  # measured on the test windows
+    assert all(t["windows"] == 3 for t in tested)
+    assert (tmp / "out" / "profiles.png").stat().st_size > 10_000
+    best = capsys.readouterr().out
+    assert "selection_perplexity" in best
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "levels").rglob("level.json")}
+    assert len(stamps) == 8
+    assert main(dynamic_args(tiny_model_dir, tmp, "--n_trials", "4")) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "levels").rglob("level.json")} == stamps  # nothing rebuilt
+    study = optuna.load_study(study_name="dyn", storage=f"sqlite:///{tmp}/s.db")
+    assert len(study.trials) == 16
+
+
+def test_many_workers_share_a_dynamic_study_without_evaluating_a_profile_twice(tiny_model_dir, data_dir):
+    tmp = data_dir
+    create = dynamic_args(tiny_model_dir, tmp, name="w")
+    create[1] = "create"
+    create = [a for a in create if a not in ("--output_dir", str(tmp / "out"))]
+    assert main(create) == 0
+    cmd = [sys.executable, "-m", "compactmind", "-q", "worker", "--study_name", "w", "--storage",
+           f"sqlite:///{tmp}/s.db", "--n_trials", "10"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+    study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp}/s.db")
+    evaluated = [t.user_attrs["candidate"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")
+                 and "duplicate_of" not in t.user_attrs and "candidate" in t.user_attrs]
+    assert len(study.trials) == 30 and len(evaluated) == len(set(evaluated))
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+
+
+def _count(db: Path, sql: str) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute(sql).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
+def _run_until(cmd, condition, timeout=300) -> subprocess.Popen:
+    """Start cmd and SIGKILL it as soon as condition() holds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    return proc
+
+
+def test_kill_9_mid_build_and_mid_trial_resumes_cleanly(tiny_model_dir, tmp_path, text_file):
+    """A model big enough that building a GPTQ level takes a while: kill once the first level is on disk, resume
+    (that level is read back, not rebuilt), kill again mid-trial, resume to the end: nothing left RUNNING."""
+    import shutil
+
+    from compactmind.study.storage import GRACE_S
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tiny_model(vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"], hidden_size=128,
+               intermediate_size=512, num_hidden_layers=6).save_pretrained(model_dir)
+    db = tmp_path / "s.db"
+    cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--dynamic", "--model_path", str(model_dir),
+           "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "2", "--data_samples", "16",
+           "--selection_windows", "2", "--methods", "gptq", "--no_hybrids", "--target_ratio", "0.70",
+           "--n_trials", "25", "--storage", f"sqlite:///{db}", "--study_name", "k",
+           "--output_dir", str(tmp_path / "out"), "--levels_dir", str(tmp_path / "levels")]
+    levels = lambda: sorted((tmp_path / "levels").rglob("level.json"))  # noqa: E731
+    first = _run_until(cmd, lambda: len(levels()) >= 1)
+    assert first.returncode == -signal.SIGKILL
+    kept = {p: p.stat().st_mtime_ns for p in levels()}
+    assert 1 <= len(kept) < 8, "killed mid-build"
+    running = ("select count(*) from trials t where state = 'RUNNING' and exists "
+               "(select 1 from trial_params p where p.trial_id = t.trial_id)")  # inside a trial, its profile taken
+    second = _run_until(cmd, lambda: _count(db, "select count(*) from trials where state in ('COMPLETE', 'PRUNED')")
+                        >= 3 and _count(db, running) >= 1)
+    assert second.returncode == -signal.SIGKILL, second.stderr.read().decode()[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # read back, not rebuilt
+    assert len(levels()) == 8 and not [p for p in (tmp_path / "levels").rglob(".level-*") if p.is_dir()]
+    time.sleep(GRACE_S + 1)  # the killed trial's heartbeat goes stale: the next run fails and retries it
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and "WAITING" not in states
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in study.trials)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["best"] is not None and report["best"].get("perplexity") is not None
