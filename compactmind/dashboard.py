@@ -50,8 +50,8 @@ def note(records: StudyRecords, storage_url: str) -> str:
              f"- **target**: compression ratio >= {records.target_ratio} (trials below it are infeasible)",
              f"- **dense baseline**: perplexity {_fmt(dense.get('perplexity'))}",
              f"- **storage**: `{safe_url(storage_url)}`",
-             f"- **trials**: {sum(counts.values())} ({counts.get('COMPLETE', 0)} evaluated, "
-             f"{counts.get('PRUNED', 0)} pruned/infeasible, {counts.get('FAIL', 0)} failed)"]
+             f"- **trials**: {sum(counts.values())} ({records.statuses}); Optuna's \"Pruned\" covers the infeasible, "
+             "invalid and early-stopped ones: each trial's `status` and `reason` attributes say which and why"]
     if best:
         lines.append(f"- **best feasible**: trial {best.number}, `{best.pipeline}`: " +
                      ", ".join(f"{name} {_fmt(best.get(name))}" for name in records.objectives))

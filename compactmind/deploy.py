@@ -59,7 +59,7 @@ def refusal(step_methods: list[list[str]], fmt: str) -> str | None:
     return None
 
 
-def _write_folder(out: Path, write) -> None:
+def write_folder(out: Path, write) -> None:
     """Write into a temporary sibling, then rename it into place (a reader never sees half a folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -88,7 +88,7 @@ def _exact_float(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
-def _config(model: nn.Module, extra: dict, dtype: str) -> dict:
+def hf_config(model: nn.Module, extra: dict, dtype: str) -> dict:
     config = model.config.to_dict()
     config.pop("_name_or_path", None)  # a path of the machine it was made on
     config.pop("auto_map", None)
@@ -97,10 +97,12 @@ def _config(model: nn.Module, extra: dict, dtype: str) -> dict:
     return config
 
 
-def _save(model: nn.Module, tokenizer, folder: Path, tensors: dict, config: dict, manifest: dict) -> None:
+def save(model: nn.Module, tokenizer, folder: Path, tensors: dict, config: dict, manifest: dict,
+         metadata: dict | None = None) -> None:
+    """A Hugging Face folder: model.safetensors, config.json, generation config, tokenizer, compactmind.json."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata or {"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -117,7 +119,7 @@ def write_dense(model: nn.Module, tokenizer, out: Path, manifest: dict) -> dict:
     tensors = {name: t.detach().cpu().to(dtype).contiguous() for name, _, _, t in parameters(model)}
     manifest = {**manifest, "format": {"name": "dense", "dtype": str(dtype)[6:]},
                 "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    _write_folder(out, lambda folder: _save(model, tokenizer, folder, tensors, _config(model, {}, str(dtype)[6:]),
+    write_folder(out, lambda folder: save(model, tokenizer, folder, tensors, hf_config(model, {}, str(dtype)[6:]),
                                             manifest))
     return manifest
 
@@ -176,6 +178,6 @@ def write_compressed_tensors(model: nn.Module, tokenizer, out: Path, manifest: d
     dtype = "float16" if all(t.dtype == torch.float16 for t in rest.values()) else "float32"
     manifest = {**manifest, "format": {"name": "compressed-tensors", "format": qc["format"]},
                 "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    _write_folder(out, lambda folder: _save(model, tokenizer, folder, tensors,
-                                            _config(model, {"quantization_config": qc}, dtype), manifest))
+    write_folder(out, lambda folder: save(model, tokenizer, folder, tensors,
+                                            hf_config(model, {"quantization_config": qc}, dtype), manifest))
     return manifest

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -95,48 +94,26 @@ def packed_state(model: nn.Module, baseline_bits: int) -> tuple[dict, dict]:
 
 
 def write(model: nn.Module, tokenizer, out_dir: Path, manifest: dict, baseline_bits: int = 32) -> dict:
-    """Write the folder atomically (a temporary sibling, then rename); returns the manifest written."""
-    from safetensors.torch import save_file
+    """Write the packed folder atomically (a temporary sibling, then rename); returns the manifest written."""
+    from compactmind import deploy
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        specs, tensors = packed_state(model, baseline_bits)
-        save_file(tensors, str(tmp / packed.WEIGHTS), metadata={"format": "compactmind-packed",
-                                                                 "version": str(packed.FORMAT_VERSION)})
-        config = model.config.to_dict()
-        config.pop("_name_or_path", None)  # a path of the machine it was made on
-        config["auto_map"] = {"AutoModelForCausalLM": "modeling_compactmind.CompactModelForCausalLM"}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shutil.copyfile(Path(packed.__file__), tmp / "modeling_compactmind.py")
-        manifest = {**manifest, "stored_tensor_bytes": stored_bytes(tensors),
-                    "format": {"version": packed.FORMAT_VERSION, "dtype": _FLOAT_NAMES[next(model.parameters()).dtype],
-                               "tensors": specs}}
-        (tmp / packed.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _user_permissions(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    specs, tensors = packed_state(model, baseline_bits)
+    dtype = _FLOAT_NAMES[next(model.parameters()).dtype]
+    manifest = {**manifest, "stored_tensor_bytes": stored_bytes(tensors),
+                "format": {"version": packed.FORMAT_VERSION, "dtype": dtype, "tensors": specs}}
+    loader = {"AutoModelForCausalLM": "modeling_compactmind.CompactModelForCausalLM"}
+    config = deploy.hf_config(model, {"auto_map": loader}, dtype)
+
+    def fill(folder: Path) -> None:
+        deploy.save(model, tokenizer, folder, tensors, config, manifest,
+                    {"format": "compactmind-packed", "version": str(packed.FORMAT_VERSION)})
+        shutil.copyfile(Path(packed.__file__), folder / "modeling_compactmind.py")
+
+    deploy.write_folder(out_dir, fill)
     return manifest
-
-
-def _user_permissions(folder: Path) -> None:
-    """mkdtemp made the folder private: give it and its files the user's normal permissions (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-    os.chmod(folder, 0o777 & ~umask)
 
 
 def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:

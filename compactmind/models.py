@@ -326,10 +326,13 @@ class Snapshot:
         return sum(c.numel() * c.element_size() for _, c in self._tensors)
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, tensors: bool = True) -> None:
+        """Every module's attributes and (tensors=False: unless the caller knows none was written) every tensor."""
         for module, saved in self._modules:
             module.__dict__.clear()
             module.__dict__.update(_copy_module_dict(saved))
+        if not tensors:
+            return
         for tensor, copy in self._tensors:
             if tensor.shape != copy.shape or tensor.dtype != copy.dtype:
                 tensor.data = copy.to(tensor.device, copy=True)

@@ -81,31 +81,36 @@ class Executor:
         self.reference = Reference.of(loaded.model, baseline_bits)
         self.calibration = Calibration(data.calib, on_block=progress.block)
         self.snapshot = models.Snapshot(loaded.model) if reusable else None
-        self._pristine = True
+        self._state = "pristine"  # or "compressed", or "assembled" (modules swapped in, only the rest written)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
     def restore(self) -> None:
-        if not self._pristine:
+        if self._state != "pristine":
             if self.snapshot is None:
                 raise RuntimeError("this executor compresses once (reusable=False)")
             self.snapshot.restore()
-            self._pristine = True
+            self._state = "pristine"
 
     def compress(self, pipeline: pl.Pipeline) -> Compressed:
         """Restore the pristine model, apply `pipeline` in place, and measure the result."""
         self.restore()
-        self._pristine = False
+        self._state = "compressed"
         seconds = pl.apply_(self.model, pipeline, self.calibration, self.seed)
         return Compressed(pipeline, measure(self.model, self.reference), seconds)
 
     def assemble(self, db, profile) -> Compressed:
-        """Restore the pristine model and swap in each unit's level from a level database (dynamic.py)."""
-        self.restore()
-        self._pristine = False
+        """Swap each unit's level from a level database (dynamic.py) into the pristine model. After an assembly
+        only the modules need restoring: units are swapped, not written, and the rest is the same for every
+        profile. `seconds` counts that restore too: the whole cost of a trial before its evaluation."""
         started = time.perf_counter()
+        if self._state == "assembled":
+            self.snapshot.restore(tensors=False)
+        else:
+            self.restore()
+        self._state = "assembled"
         db.assemble_(self.model, profile)
         return Compressed(profile, db.footprint(profile, self.reference), time.perf_counter() - started)
 

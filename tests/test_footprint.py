@@ -98,3 +98,14 @@ def test_random_pruning_then_int8_keeps_zeros_and_counts_both():
     pl.apply_(only_int8, pl.parse("int8_sq(alpha=0.5)"), CALIB, 0)
     assert fp.compression_ratio > measure(only_int8, ref).compression_ratio
     assert math.isclose(1 - fp.bits_per_weight / 32, fp.compression_ratio)
+
+
+def test_sparsity_is_what_pruning_removed_not_zeros_rounding_made():
+    model = tiny_model()
+    ref = Reference.of(model)
+    pl.apply_(model, pl.parse("rtn(bits=2, group_size=32)"), None, 0)
+    zeros = sum(int((lin.weight == 0).sum()) for _, lin in block_linears(model))
+    assert zeros > 0 and measure(model, ref).sparsity == 0.0  # rounding made zeros; nothing was pruned
+    pruned = tiny_model()
+    pl.apply_(pruned, pl.parse("magnitude(sparsity=0.3) -> rtn(bits=2, group_size=32)"), None, 0)
+    assert measure(pruned, ref).sparsity == pytest.approx(0.3, abs=1e-3)  # the mask, whatever rounding adds

@@ -140,12 +140,10 @@ def _vs_source(t: TrialRecord) -> str:
 
 
 def summary(records: StudyRecords, out_dir: Path | None, seconds: float | None = None) -> str:
-    counts = records.counts
     dense = records.dense or {}
     best = records.best
-    lines = [f"study {records.study}: {len(records.trials)} trials "
-             f"({counts.get('COMPLETE', 0)} evaluated, {counts.get('PRUNED', 0)} pruned/infeasible/invalid, "
-             f"{counts.get('FAIL', 0)} failed)" + (f" in {seconds:.0f} s" if seconds is not None else "")]
+    lines = [f"study {records.study}: {len(records.trials)} trials ({records.statuses})"
+             + (f" in {seconds:.0f} s" if seconds is not None else "")]
     if records.source_note:
         lines.append(f"model:  {(records.model or {}).get('name')}, {records.source_note}")
     if dense:

@@ -104,6 +104,15 @@ class StudyRecords:
     dynamic: dict | None = None  # levels, units and the rest setting of a dynamic study
 
     @property
+    def statuses(self) -> str:
+        """'20 ok, 8 infeasible, 5 early_stopped ...': what happened to the trials, in compactmind's words."""
+        counts: dict[str, int] = {}
+        for t in self.trials:
+            key = t.status or t.state.lower()
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    @property
     def source_note(self) -> str | None:
         """For a model loaded from a quantized file: what it was, so no figure is read as from a dense model."""
         model = self.model or {}
