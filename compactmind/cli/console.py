@@ -177,7 +177,8 @@ def best(records: StudyRecords, pareto: bool) -> str:
                 ("best", "-", *["-"] * len(columns), f"no feasible trial (ratio >= {records.target_ratio})"))
     if pareto:
         rows += [("front", t.number, *[_fmt(t.get(c)) for c in columns], t.pipeline) for t in records.pareto_front]
-    lines = [table(rows)]
+    lines = [table(rows), f"trials: {records.statuses} (`compactmind compare` shows any of them; the reports give "
+                          "every status and reason)"]
     if pareto:
         lines.append(f"front: the Pareto front over {', '.join(f'{k} ({v})' for k, v in records.objectives.items())}, "
                      "feasible trials only")
