@@ -107,11 +107,11 @@ def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resu
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "resume with:" in out
+    assert "Traceback" not in err and "resume with:" in out, err[:6000]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert 0 < len(report["trials"]) < 43
     stopped = [t for t in report["trials"] if t["state"] == "FAIL"]
-    assert all(t["status"] == "terminated" for t in stopped)
+    assert all(t["status"] == "terminated" for t in stopped), stopped
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]

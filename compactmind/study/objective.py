@@ -118,6 +118,17 @@ class TrialRun:
         self.ctx.executor.progress.trial_done({"number": self.trial.number, **self.attrs})
 
 
+def record_signal(trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
+    """A signal ended this trial (anywhere in it, or as it was created): its status and reason, so it shows
+    as interrupted or terminated, never as a silent failure."""
+    status = TrialStatus.TERMINATED if isinstance(exc, Terminated) else TrialStatus.INTERRUPTED
+    try:
+        trial.set_user_attr("status", status.value)
+        trial.set_user_attr("reason", f"{status.value} by a signal; it runs again when the study resumes")
+    except StorageTrouble:
+        pass  # the signal cut a storage write short; the trial still ends FAIL
+
+
 def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
     _heartbeat_now(trial)
     run = TrialRun(ctx, trial)
@@ -130,10 +141,12 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
         return _replay(run, twin)
     run.record(**described, worker=WORKER, dtype=str(ctx.executor.loaded.dtype).replace("torch.", ""),
                seq_len=ctx.executor.data.seq_len)
-    running = _running_twin(trial.study, described["candidate"], trial.number)
-    if running is not None:  # another worker took the same proposal a moment ago: it measures, this one yields
-        stopped = run.stop(TrialStatus.SPARE, f"trial {running} is measuring the same configuration")
-        run.record(duplicate_of=running)
+    twin = _twin_after_record(trial.study, described["candidate"], trial.number)
+    if twin is not None and twin.state != TrialState.RUNNING:
+        return _replay(run, twin)
+    if twin is not None:  # another worker took the same proposal a moment ago: it measures, this one yields
+        stopped = run.stop(TrialStatus.SPARE, f"trial {twin.number} is measuring the same configuration")
+        run.record(duplicate_of=twin.number)
         run.finish()
         raise stopped
     reset_peak_memory(ctx.executor.loaded.device)
@@ -143,10 +156,6 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
         values = _evaluate(run, compressed)
     except optuna.TrialPruned:
         run.finish()
-        raise
-    except KeyboardInterrupt as exc:
-        stopped = TrialStatus.TERMINATED if isinstance(exc, Terminated) else TrialStatus.INTERRUPTED
-        run.record(status=stopped, reason=f"{stopped.value} by a signal; it runs again when the study resumes")
         raise
     except (OSError, *StorageTrouble):
         raise  # the machine or the storage, not this candidate: end the run
@@ -264,12 +273,15 @@ def _replay(run: TrialRun, earlier: FrozenTrial) -> tuple[float, ...]:
     raise Stopped(f"same configuration as trial {earlier.number}")
 
 
-def _running_twin(study: optuna.Study, key: str, number: int) -> int | None:
-    """Another running trial with this configuration (recorded before this one looked): whoever sees the other
-    yields, so two workers never both measure it."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number != number and t.user_attrs.get("candidate") == key and "duplicate_of" not in t.user_attrs:
-            return t.number
+def _twin_after_record(study: optuna.Study, key: str, number: int) -> FrozenTrial | None:
+    """Another trial holding this configuration, running or finished, looked up in one read after this trial
+    recorded its own: of two trials with one configuration, the later to look always sees the earlier, so two
+    workers never both measure it (at worst both yield, and the sampler proposes it again)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.number != number and t.user_attrs.get("candidate") == key and "duplicate_of" not in t.user_attrs \
+                and t.user_attrs.get("status") != TrialStatus.SPARE.value \
+                and (t.state == TrialState.RUNNING or t.user_attrs.get("status") is not None):
+            return t
     return None
 
 

@@ -95,8 +95,9 @@ class EvoPressSampler(BaseSampler):
     Mutation is the level switch: one unit one level more compressed, another unit of the same size one level
     less, so the total size stays put; 1 to `max_switches` switches per offspring. Where levels are not evenly
     spaced in bytes (2/3/4/8 bits), a profile over the budget gets more compression on random units until it
-    meets it. A profile the study already holds is not proposed again. Multi-step selection is the objective's
-    early stop: an offspring that falls behind its parent on the first selection windows is not scored on more.
+    meets it. A profile the study already holds (measured or being measured) is not proposed again. Multi-step
+    selection is the objective's early stop: an offspring that falls behind its parent on the first selection
+    windows is not scored on more.
     Before any trial has finished, the sampler proposes the uniform profile (the study enqueues uniform and OWL).
     """
 
@@ -117,7 +118,8 @@ class EvoPressSampler(BaseSampler):
         parent = self._parent(trials)
         if parent is None:
             return {}
-        seen = {tuple(t.params.get(n) for n in self.names) for t in trials}
+        seen = {tuple(t.params.get(n) for n in self.names) for t in trials  # a yield or a kill: proposed again
+                if t.state != TrialState.FAIL and t.user_attrs.get("status") != "spare"}
         rng = random.Random(self.seed * 1_000_003 + trial.number)
         child = parent
         for _ in range(64):

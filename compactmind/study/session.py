@@ -28,7 +28,7 @@ from compactmind.data import Dataset
 from compactmind.models import LoadedModel
 from compactmind.study import records as rec
 from compactmind.study import profiles
-from compactmind.study.objective import Context, Terminated, TrialFailed, objective
+from compactmind.study.objective import Context, Terminated, TrialFailed, objective, record_signal
 from compactmind.study.records import STUDY_ATTR
 from compactmind.study.sampler import STRATEGIES, CandidateSampler
 from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
@@ -259,8 +259,8 @@ def run_trials(session: Session) -> str | None:
 
 class _Signals:
     """Ctrl-C (SIGINT) and SIGTERM inside a trial raise there, so Optuna marks that trial FAIL with the reason
-    recorded (it runs again on resume); outside one (while a trial is being created) they only ask the loop to
-    stop, so no trial is left RUNNING."""
+    recorded (it runs again on resume); outside one they ask the loop to stop, and a trial Optuna was creating
+    then ends at its start with the same status, so no trial is left RUNNING or failed without a reason."""
 
     def __init__(self):
         self.stop: type[KeyboardInterrupt] | None = None
@@ -283,10 +283,13 @@ class _Signals:
 
     def wrap(self, fn):
         def guarded(trial):
-            self.check()
             self.inside = True
             try:
+                self.check()  # a signal while Optuna created this trial
                 return fn(trial)
+            except KeyboardInterrupt as exc:
+                record_signal(trial, exc)
+                raise
             finally:
                 self.inside = False
         return guarded

@@ -160,7 +160,13 @@ class SQLiteStorage(optuna.storages.RDBStorage):
         return self._retry(super().set_trial_system_attr, *args, **kwargs)
 
     def record_heartbeat(self, *args, **kwargs):
-        return self._retry(super().record_heartbeat, *args, **kwargs)
+        """A heartbeat is written from Optuna's thread, where an error would end in a traceback and nothing
+        else: one missed beat is harmless (the next comes HEARTBEAT_S later, and the trial goes stale only
+        after GRACE_S), and a storage that has really failed stops the run at its next write in the trial."""
+        try:
+            return self._retry(super().record_heartbeat, *args, **kwargs)
+        except StorageTrouble as exc:
+            log.warning("a heartbeat was not recorded (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
 
 
 @contextlib.contextmanager
