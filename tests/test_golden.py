@@ -5,7 +5,7 @@ import torch
 from compactmind import pipeline as pl
 from compactmind.calibration import Calibration
 from compactmind.methods._int8_sq import smoothing_scales
-from compactmind.methods._quant import quantize_per_row
+from compactmind.methods._quant import quantize_per_row, rtn_quantize
 from compactmind.packed import quantize_per_token
 from compactmind.models import block_linears, decoder_layers
 
@@ -177,6 +177,34 @@ def test_every_group_has_at_most_2_to_the_k_levels(bits, group, symmetric):
             block = q[:, s:s + step]
             for row in block[:6]:
                 assert row.unique().numel() <= 2 ** bits
+
+
+def reference_codes(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The GPTQ reference quantizer's codes for one group per row, written out here in FP32."""
+    maxq = 2 ** bits - 1
+    lo, hi = w.min(1, keepdim=True).values.clamp(max=0), w.max(1, keepdim=True).values.clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    scale = (hi - lo) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-lo / scale)
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_codes_equal_the_reference_quantizers_on_weights_from_a_4_bit_file(symmetric):
+    """Weights dequantized from a Q4_1 GGUF (16 levels per block of 32, FP16 scale and minimum) sit on rounding
+    ties often; codes from the FP16-rounded scale broke them the other way in half the groups (SmolLM2 RTN W4
+    g64 symmetric: 53.88 against the reference's 52.03). The codes must be the reference's; the values are
+    those codes times the stored FP16 scale."""
+    g = torch.Generator().manual_seed(4)
+    d = (torch.rand(1024, 2, 1, generator=g) * 0.02 + 0.001).half().float()
+    m = (-8 * d - torch.rand(1024, 2, 1, generator=g) * 0.01).half().float()
+    w = (d * torch.randint(0, 16, (1024, 2, 32), generator=g) + m).reshape(1024, 64)
+    q = rtn_quantize(w, 4, 64, symmetric)
+    codes = torch.round(q.weight / q.scale) + q.zero
+    assert torch.equal(q.scale, q.scale.half().float())
+    assert torch.equal(codes, reference_codes(w, 4, symmetric))
 
 
 def test_quantizers_keep_pruned_zeros():

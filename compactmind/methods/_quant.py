@@ -52,8 +52,14 @@ def cast_rest_to_fp16_(model: nn.Module) -> None:
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of `w` [rows, group]. The range always contains 0, so a zero weight (a
-    pruned one) quantizes to exactly 0. Symmetric: zero point fixed at 2^(k-1) (not stored)."""
+    """Scale and zero point per row of `w` [rows, group], as the GPTQ reference quantizer computes them (FP32;
+    symmetric: scale 2·max|w| / (2^k - 1), zero point 2^(k-1), not stored). The range always contains 0, so a
+    zero weight (a pruned one) quantizes to exactly 0.
+
+    The codes come from this FP32 scale and the weights are dequantized with its FP16 rounding (what a checkpoint
+    stores), as GPTQ checkpoints are made. Codes from the FP16 scale would break ties the other way in half the
+    groups, and weights dequantized from a 4-bit GGUF sit on ties often: SmolLM2 RTN W4 g64 symmetric measured
+    53.88 that way against the reference's 52.03."""
     maxq = 2 ** bits - 1
     wf = w.float()
     lo = wf.min(dim=1, keepdim=True).values.clamp(max=0)
@@ -61,14 +67,18 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
     if symmetric:
         hi = torch.maximum(hi, -lo)
         lo = -hi
-    scale = fp16_scale((hi - lo) / maxq)
+    exact = (hi - lo) / maxq
+    scale = torch.where(exact.half() == 0, torch.ones_like(exact), exact)  # one FP16 cannot hold: 1, as stored
     zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-lo / scale)
     return scale, zero
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  stored: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes from the exact scale, values from the stored (FP16) one: `stored` is fp16_scale(scale), passed in
+    by a caller that quantizes many columns with one scale."""
     q = torch.clamp(torch.round(w.float() / scale) + zero, 0, 2 ** bits - 1)
-    return scale * (q - zero)
+    return (fp16_scale(scale) if stored is None else stored) * (q - zero)
 
 
 def groups_of(cols: int, group_size: int) -> list[tuple[int, int]]:
@@ -89,7 +99,7 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -
         scale, zero = group_params(w[:, s:e], bits, symmetric)
         out[:, s:e] = fake_quantize(w[:, s:e], scale, zero, bits)
         params.append((scale, zero))
-    return Quantized(out, torch.cat([p[0] for p in params], 1), torch.cat([p[1] for p in params], 1))
+    return Quantized(out, fp16_scale(torch.cat([p[0] for p in params], 1)), torch.cat([p[1] for p in params], 1))
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
@@ -109,6 +119,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     for gi, (s, e, _, _) in enumerate(params):
         col_group[s:e] = gi
     scales = torch.stack([p[2] for p in params])  # [groups, rows, 1]
+    stored = fp16_scale(scales)
     zeros = torch.stack([p[3] for p in params])
     perm = torch.argsort(torch.diag(Hinv_in), descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
@@ -124,7 +135,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = col_group[perm[i1 + i]]
-            q = fake_quantize(W1[:, i:i + 1], scales[g], zeros[g], bits).squeeze(1)
+            q = fake_quantize(W1[:, i:i + 1], scales[g], zeros[g], bits, stored[g]).squeeze(1)
             if keep is not None:
                 q = q * keep[:, i1 + i]
             Q[:, i1 + i] = q
@@ -132,7 +143,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Quantized(Q[:, torch.argsort(perm)], scales.squeeze(2).T.contiguous(), zeros.squeeze(2).T.contiguous())
+    return Quantized(Q[:, torch.argsort(perm)], stored.squeeze(2).T.contiguous(), zeros.squeeze(2).T.contiguous())
 
 
 # ---- glue shared by the weight-only quantizers ------------------------------------------------------------
