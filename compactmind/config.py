@@ -73,7 +73,7 @@ class RunConfig:
     dynamic: bool = False  # a compression level per unit, assembled from a database of pre-compressed units
     granularity: str = "block"  # the unit of a dynamic study: a decoder block, or each linear layer in it
     fitness: str = "ppl"  # a dynamic study's selection score: perplexity or KL divergence to the dense model
-    selection_windows: int = 4  # windows of the calibration text a dynamic study selects on
+    selection_windows: int = 16  # windows of the calibration text a dynamic study selects on
     levels_dir: str | None = None  # where a dynamic study's level database lives (default: beside the storage)
     gpu: bool = False
     cpu: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ def corpus_text(n_chars: int = 120_000) -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+def finished_trials(db: Path) -> int:
+    """Trials finished (COMPLETE or PRUNED) in an SQLite study file another process is writing; 0 before it
+    exists. Read-only, so watching a run never takes its lock."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet
+        return 0
 
 
 def tiny_config(vocab_size: int = 320, **overrides):

@@ -16,6 +16,8 @@ from compactmind.models import block_linears
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Categorical
 
+from conftest import finished_trials
+
 
 @pytest.fixture()
 def faulty_methods():
@@ -77,19 +79,7 @@ def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_fi
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = tmp_path / "s.db"
     deadline = time.time() + 120
-    def finished_trials() -> int:
-        import sqlite3
-
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-            try:
-                return con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
-            finally:
-                con.close()
-        except sqlite3.Error:  # not created yet
-            return 0
-
-    while time.time() < deadline and finished_trials() < 3:  # the study is running its trials
+    while time.time() < deadline and finished_trials(db) < 3:  # the study is running its trials
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -13,7 +13,7 @@ import pytest
 
 from compactmind.cli import main
 
-from conftest import tiny_model
+from conftest import finished_trials, tiny_model
 
 METHODS = "random_pruning,l2_pruning,fp16"
 
@@ -83,17 +83,6 @@ def test_export_verify_exits_non_zero_when_the_perplexity_differs(tiny_model_dir
     assert "differs from trial 0's 123" in out.err and "reloaded perplexity" in out.out
 
 
-def _finished(db) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resumes(tiny_model_dir, text_file,
                                                                                   tmp_path):
     cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir), "--data_path",
@@ -102,7 +91,7 @@ def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resu
            "--output_dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and _finished(tmp_path / "s.db") < 3:
+    while time.time() < deadline and finished_trials(tmp_path / "s.db") < 3:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

@@ -64,7 +64,7 @@ def _study_flags(p):
     _flag(p, "fitness", help="dynamic: what profiles are chosen on, ppl (default) or kl (to the dense model), on "
                              "selection windows of validation text")
     _flag(p, "selection_windows", type=int, help="dynamic: selection windows taken from the calibration text "
-                                                 "(default 4)")
+                                                 "(default 16)")
     _flag(p, "levels_dir", help="dynamic: where the level database is kept (default: 'levels' beside the SQLite "
                                 "file)")
     _budget_flags(p)

@@ -4,11 +4,12 @@ A trial restores the pristine model, applies the proposed pipeline (or assembles
 dynamic study), and measures its footprint. Below the target ratio it is recorded as infeasible without an
 evaluation. Otherwise its quality (test perplexity; a dynamic study's selection perplexity or KL divergence) is
 measured window by window, and it stops early once its running value exceeds the cap (ppl_cap_factor x the dense
-model's on the same windows) or, after a quarter of the windows, dominance_margin x that of a finished feasible
-trial with at least its ratio on the same windows (Optuna's pruners refuse two-objective studies, so early
-stopping lives here; for a dynamic study, with margin 1, it is EvoPress's multi-step selection: an offspring that
-falls behind its parent on the first windows is not scored on more). Every figure a person wants later goes into
-the trial's user attributes; the objective values are read from them by name, in the order of the objectives.
+model's on the same windows) or, after a quarter of the windows (an eighth in a dynamic study), dominance_margin
+x that of a finished feasible trial with at least its ratio on the same windows (Optuna's pruners refuse
+two-objective studies, so early stopping lives here; for a dynamic study, with margin 1, it is EvoPress's
+multi-step selection: an offspring that falls behind its parent on the first windows is not scored on more).
+Every figure a person wants later goes into the trial's user attributes; the objective values are read from them
+by name, in the order of the objectives.
 """
 
 from __future__ import annotations
@@ -237,7 +238,10 @@ class EarlyStop:
     def __init__(self, ctx: Context, study: optuna.Study, ratio: float):
         self.ctx, self.cfg, self.measure = ctx, ctx.config, ctx.measure
         self.slack = self.RATIO_SLACK if ctx.config.dynamic else 0.0
-        self.min_windows = max(1, self.measure.windows.shape[0] // 4)
+        # a static trial has paid minutes of compression before its first window: judge it on a quarter of them;
+        # a dynamic one is assembled in milliseconds and its windows are its whole cost (EvoPress's first
+        # selection step: few tokens, more only for those that keep up): an eighth
+        self.min_windows = max(1, self.measure.windows.shape[0] // (8 if ctx.config.dynamic else 4))
         name, losses = self.measure.objective, self.measure.loss_attr
         # (value, ratio, number, value over the first k windows) of the finished feasible trials with at least
         # this ratio: what the candidate is compared with
