@@ -47,7 +47,7 @@ def note(records: StudyRecords, storage_url: str) -> str:
              f"- **protocol**: {protocol.get('windows', '-')} windows of {protocol.get('seq_len', '-')} tokens, "
              f"{protocol.get('dtype', '-')}, {protocol.get('data_samples', '-')} calibration samples, seed "
              f"{protocol.get('seed', '-')}; ratio against {protocol.get('baseline_bits', 32):g}-bit weights",
-             f"- **target**: compression ratio >= {records.target_ratio} (trials below it are infeasible)",
+             f"- **target**: compression ratio >= {records.target_ratio:.4g} (trials below it are infeasible)",
              f"- **dense baseline**: perplexity {_fmt(dense.get('perplexity'))}",
              f"- **storage**: `{safe_url(storage_url)}`",
              f"- **trials**: {sum(counts.values())} ({records.statuses}); Optuna's \"Pruned\" covers the infeasible, "

@@ -127,7 +127,7 @@ def _title(records: StudyRecords) -> str:
     if model.get("source_format"):
         name += f" (from {model['source_format']}, {model['source_bits_per_weight']:.2f} bits/weight as stored)"
     data = (records.data or {}).get("label", "")
-    return f"{name}: {records.quality} vs compression ratio (target >= {records.target_ratio})\n{data}"[:300]
+    return f"{name}: {records.quality} vs compression ratio (target >= {records.target_ratio:.4g})\n{data}"[:300]
 
 
 def plot_png(records: StudyRecords) -> bytes:
@@ -150,10 +150,14 @@ def plot_png(records: StudyRecords) -> bytes:
     dense = (records.dense or {}).get(q)
     if dense and dense > 0:  # a KL divergence is 0 for the dense model: nothing to draw on a log axis
         ax.scatter([0.0], [dense], c="green", marker="*", s=160, zorder=5, label=f"dense ({dense:.4g})")
-    ax.axvline(records.target_ratio, c="gray", ls=":", label=f"target ratio {records.target_ratio}")
-    if records.best and (records.best.get(q) or 0) > 0:
-        ax.annotate(_best_text(records), (records.best.compression_ratio, records.best.get(q)), xytext=(10, 20),
-                    textcoords="offset points", fontsize=7, arrowprops={"arrowstyle": "->", "color": "gray"})
+    ax.axvline(records.target_ratio, c="gray", ls=":", label=f"target ratio {records.target_ratio:.4g}")
+    _spread_ratio_axis(ax, records)
+    if records.best and (records.best.get(q) or 0) > 0:  # wrapped, inside the axes, on the side away from it
+        lo, hi = ax.get_xlim()
+        left = (records.best.compression_ratio - lo) / (hi - lo) > 0.5
+        ax.annotate(_best_text(records, width=55), (records.best.compression_ratio, records.best.get(q)),
+                    xytext=(0.03 if left else 0.55, 0.06), textcoords="axes fraction", fontsize=7,
+                    arrowprops={"arrowstyle": "->", "color": "gray"})
     if ax.get_ylim()[0] > 0 and any(s.points for s in series(records)):
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
@@ -168,12 +172,29 @@ def plot_png(records: StudyRecords) -> bytes:
     return _png(fig)
 
 
-def _best_text(records: StudyRecords) -> str:
+def _best_text(records: StudyRecords, width: int | None = None) -> str:
+    import textwrap
+
     best = records.best
-    text = f"best: trial {best.number}, {best.pipeline}"
+    text = f"best: trial {best.number}, {best.pipeline}"[:200]
+    if width:
+        text = textwrap.fill(text, width)
     if records.quality != "perplexity" and best.get("perplexity") is not None:
         text += f"\ntest perplexity {best.get('perplexity'):.4g}"
-    return text[:160]
+    return text
+
+
+def _spread_ratio_axis(ax, records: StudyRecords) -> None:
+    """A dynamic study's profiles all sit at the target ratio, a few bytes apart: give the axis a readable span
+    and a few plain ticks instead of a sliver with overlapping labels."""
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+    lo, hi = ax.get_xlim()
+    if hi - lo < 0.02:
+        middle = records.target_ratio
+        ax.set_xlim(middle - 0.02, middle + 0.02)
+    ax.xaxis.set_major_locator(MaxNLocator(6))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.3f" if hi - lo < 0.1 else "%.2f"))
 
 
 def _png(fig) -> bytes:
@@ -211,7 +232,7 @@ def plot_html(records: StudyRecords) -> bytes:
         fig.add_trace(go.Scatter(x=[0.0], y=[dense], mode="markers", name=f"dense ({dense:.4g})", hoverinfo="text",
                                  marker={"color": "green", "symbol": "star", "size": 14}, text=[f"dense {dense:.4g}"]))
     fig.add_vline(x=records.target_ratio, line_dash="dot", line_color="gray",
-                  annotation_text=f"target ratio {records.target_ratio}")
+                  annotation_text=f"target ratio {records.target_ratio:.4g}")
     if records.best and (records.best.get(q) or 0) > 0:
         fig.add_annotation(x=records.best.compression_ratio, y=math.log10(records.best.get(q)),
                            text=_best_text(records).replace("\n", "<br>"), showarrow=True, font={"size": 10})

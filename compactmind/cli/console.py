@@ -135,8 +135,12 @@ def resume_command(argv: list[str]) -> str:
 
 
 def _vs_source(t: TrialRecord) -> str:
+    """Against the file the model came from: a ratio when smaller, else how many times that file's size (a
+    pruned model kept in FP32 can be 3x a 4-bit source: a negative ratio would hide that)."""
     value = t.get("ratio_vs_source")
-    return f"; ratio vs source file {value:+.4f}" if isinstance(value, float) else ""
+    if not isinstance(value, float):
+        return ""
+    return f"; ratio vs source file {value:.4f}" if value >= 0 else f"; {1 - value:.2f}x the source file's size"
 
 
 def summary(records: StudyRecords, out_dir: Path | None, seconds: float | None = None) -> str:
