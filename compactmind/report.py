@@ -94,6 +94,7 @@ class Series:
     marker: str  # matplotlib marker; plotly symbol in SYMBOLS
     hollow: bool = False
     y: str | None = None  # the attribute plotted (default: the quality objective)
+    floor: bool = False  # no figure (not evaluated): drawn along the bottom, below every measured point
 
 
 SYMBOLS = {"o": "circle", "^": "triangle-up", "s": "square", "D": "diamond", "x": "x", "v": "triangle-down"}
@@ -117,8 +118,24 @@ def series(records: StudyRecords) -> list[Series]:
            Series("over the cap (infeasible)", [t for t in done if t.feasible is False], "gray", "o", hollow=True),
            Series("stopped early (partial figure)", [t for t in own if t.status == "early_stopped"
                                                      and t.get(f"partial_{q}") is not None],
-                  "gray", "v", hollow=True, y=f"partial_{q}")]
+                  "gray", "v", hollow=True, y=f"partial_{q}"),
+           Series("below the target ratio (not evaluated; at the bottom)",
+                  [t for t in own if t.status == "infeasible"], "gray", "x", floor=True)]
     return [s for s in out if s.points]
+
+
+def drawn(records: StudyRecords) -> list[tuple[Series, list[float], list[float]]]:
+    """Each series with its x (ratio) and y values; the not-evaluated ones at a floor a little below the lowest
+    measured figure (dense included), so the rejected part of the space shows on a log axis too."""
+    q = records.quality
+    measured = [(s, [t.compression_ratio for t in s.points], [t.get(s.y or q) for t in s.points])
+                for s in series(records) if not s.floor]
+    values = [y for _, _, ys in measured for y in ys if y is not None and y > 0]
+    dense = (records.dense or {}).get(q)
+    values += [dense] if dense and dense > 0 else []
+    floors = [(s, [t.compression_ratio for t in s.points], [min(values) / 1.3] * len(s.points))
+              for s in series(records) if s.floor and values]
+    return measured + floors
 
 
 def _title(records: StudyRecords) -> str:
@@ -135,14 +152,16 @@ def plot_png(records: StudyRecords) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     q = records.quality
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=200)
-    for s in series(records):
+    plotted = drawn(records)
+    for s, xs, ys in plotted:
         face = "none" if s.hollow else s.color
-        ax.scatter([t.compression_ratio for t in s.points], [t.get(s.y or q) for t in s.points], marker=s.marker,
-                   s=34, facecolors=face, edgecolors=s.color, label=f"{s.name} ({len(s.points)})")
+        ax.scatter(xs, ys, marker=s.marker, s=34, c=face if s.marker == "x" else None,
+                   facecolors=None if s.marker == "x" else face, edgecolors=None if s.marker == "x" else s.color,
+                   label=f"{s.name} ({len(s.points)})")
     front = front_2d(records)
     if front:
         ax.plot([t.compression_ratio for t in front], [t.get(q) for t in front], c="black", lw=1.0, ls="--",
@@ -156,13 +175,13 @@ def plot_png(records: StudyRecords) -> bytes:
         lo, hi = ax.get_xlim()
         left = (records.best.compression_ratio - lo) / (hi - lo) > 0.5
         ax.annotate(_best_text(records, width=55), (records.best.compression_ratio, records.best.get(q)),
-                    xytext=(0.03 if left else 0.55, 0.06), textcoords="axes fraction", fontsize=7,
+                    xytext=(0.03 if left else 0.55, 0.2), textcoords="axes fraction", fontsize=7,
                     arrowprops={"arrowstyle": "->", "color": "gray"})
-    if ax.get_ylim()[0] > 0 and any(s.points for s in series(records)):
+    if plotted and all(y > 0 for _, _, ys in plotted for y in ys if y is not None):
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())  # the major ticks (1, 1.5, 2, 3, 5, 7 per decade) say enough
         ax.ticklabel_format(axis="y", style="plain")
     ax.set_xlabel(f"compression ratio (1 - bytes / {(records.protocol or {}).get('baseline_bits', 32)}-bit bytes)")
     ax.set_ylabel(_LABELS.get(q, q) + " (log scale)")
@@ -217,11 +236,11 @@ def plot_html(records: StudyRecords) -> bytes:
                 f"{t.get('bits_per_weight', 0):.2f} bits/weight, sparsity {t.get('sparsity', 0):.3f}; {t.status}")
 
     fig = go.Figure()
-    for s in series(records):
+    for s, xs, ys in drawn(records):
         symbol = SYMBOLS[s.marker] + ("-open" if s.hollow and s.marker != "x" else "")
-        fig.add_trace(go.Scatter(x=[t.compression_ratio for t in s.points], y=[t.get(s.y or q) for t in s.points],
-                                 mode="markers", name=f"{s.name} ({len(s.points)})", hoverinfo="text",
-                                 text=[hover(t, s.y or q) for t in s.points],
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=f"{s.name} ({len(s.points)})", hoverinfo="text",
+                                 text=[f"#{t.number} {t.pipeline}<br>ratio {t.compression_ratio:.4f}: below the "
+                                       "target, not evaluated" if s.floor else hover(t, s.y or q) for t in s.points],
                                  marker={"color": s.color.replace("tab:", ""), "symbol": symbol, "size": 9}))
     front = front_2d(records)
     if front:

@@ -183,6 +183,7 @@ def llama7b_block(samples: int, seq_len: int, device) -> None:
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                       max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"  # a standalone block: no model to pick it
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, 0).to(device=device, dtype=torch.bfloat16).eval()
     for p in layer.parameters():

@@ -154,6 +154,9 @@ def test_a_dynamic_study_through_the_cli_then_resumed(tiny_model_dir, data_dir, 
         "selection_perplexity", "compression_ratio"]
     trials = report["trials"]
     assert {t.get("baseline") for t in trials} >= {"uniform"}
+    for t in trials:  # the baselines are never stopped early: measured in full, then on the test windows
+        if t.get("baseline") and "duplicate_of" not in t:
+            assert t["state"] == "COMPLETE" and t["selection_windows"] == 2 and t.get("perplexity") is not None
     for t in trials:
         assert list(t["params"]) == ["block.0", "block.1"] and t["profile"] == [t["params"]["block.0"],
                                                                                   t["params"]["block.1"]]

@@ -205,7 +205,9 @@ def _check_ratio(run: TrialRun, compressed: Compressed) -> None:
 
 def _evaluate(run: TrialRun, compressed: Compressed) -> tuple[float, ...]:
     ctx, cfg, measure = run.ctx, run.ctx.config, run.ctx.measure
-    stop = EarlyStop(ctx, run.trial.study, compressed.footprint.compression_ratio) if cfg.early_stop else None
+    baseline = run.trial.user_attrs.get("baseline")  # uniform and OWL are measured in full: what a study beats
+    stop = EarlyStop(ctx, run.trial.study, compressed.footprint.compression_ratio) \
+        if cfg.early_stop and not baseline else None
     device = ctx.executor.loaded.device
     compress_peak = peak_memory(device)
     reset_peak_memory(device)
