@@ -2,11 +2,11 @@
 
 For each --at level (e.g. "sparsegpt(sparsity=0.5)"), runs a dynamic study through the CLI (the study file's
 levels, its target ratio replaced by that level's uniform ratio less 1e-4, so every profile has the size of the
-uniform model, with a few bytes' slack for per-block rounding) and prints, side by side: the uniform profile, the OWL-style allocation and the best searched
-profile, each with its selection figure (validation text, what the search chose on) and its test perplexity
-(the test windows, never used for selection); the seconds to build the level database; trials per hour against
-a static trial of the same method (compressing the model once with that level plus one evaluation of the test
-windows, both measured in the same run).
+uniform model, with a few bytes' slack for per-block rounding) and prints, side by side: the uniform profile,
+the OWL-style allocation and the best searched profile, each with its selection figure (validation text, what
+the search chose on) and its test perplexity (the test windows, never used for selection); the seconds to build
+the level database; trials per hour against a static trial of the same method (compressing the model once with
+that level plus one evaluation of the test windows, both measured in the same run).
 
     .venv/bin/python scripts/dynamic_bench.py --study studies/smollm2_dynamic_sparsity.toml \\
         --at "sparsegpt(sparsity=0.5)" --at "sparsegpt(sparsity=0.6)" [--out DIR] [-- extra run flags]
