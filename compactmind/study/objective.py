@@ -137,13 +137,10 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
         raise run.stop(TrialStatus.SPARE, "every remaining candidate was taken by another worker")
     candidate = ctx.space.suggest(trial)
     described = ctx.space.describe(candidate)
-    twin = _finished_twin(trial.study, described["candidate"], trial.number)
-    if twin is not None:
-        return _replay(run, twin)
     run.record(**described, worker=WORKER, dtype=str(ctx.executor.loaded.dtype).replace("torch.", ""),
                seq_len=ctx.executor.data.seq_len)
     twin = _twin_after_record(trial.study, described["candidate"], trial.number)
-    if twin is not None and twin.state != TrialState.RUNNING:
+    if twin is not None and twin.state != TrialState.RUNNING:  # a sampler proposed a measured configuration
         return _replay(run, twin)
     if twin is not None:  # another worker took the same proposal a moment ago: it measures, this one yields
         stopped = run.stop(TrialStatus.SPARE, f"trial {twin.number} is measuring the same configuration")
@@ -287,13 +284,5 @@ def _twin_after_record(study: optuna.Study, key: str, number: int) -> FrozenTria
         if t.number != number and t.user_attrs.get("candidate") == key and "duplicate_of" not in t.user_attrs \
                 and t.user_attrs.get("status") != TrialStatus.SPARE.value \
                 and (t.state == TrialState.RUNNING or t.user_attrs.get("status") is not None):
-            return t
-    return None
-
-
-def _finished_twin(study: optuna.Study, key: str, number: int) -> FrozenTrial | None:
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.number != number and t.user_attrs.get("candidate") == key and "duplicate_of" not in t.user_attrs \
-                and t.user_attrs.get("status") not in (None, TrialStatus.SPARE.value):
             return t
     return None
