@@ -163,8 +163,8 @@ class SQLiteStorage(optuna.storages.RDBStorage):
         """A heartbeat is written from Optuna's thread, where an error would end in a traceback and nothing
         else: one missed beat is harmless (the next comes HEARTBEAT_S later, and the trial goes stale only
         after GRACE_S), and a storage that has really failed stops the run at its next write in the trial."""
-        try:
-            return self._retry(super().record_heartbeat, *args, **kwargs)
+        try:  # one attempt, no retry: a thread waiting minutes on a lock would hold up the run's shutdown
+            return super().record_heartbeat(*args, **kwargs)
         except StorageTrouble as exc:
             log.warning("a heartbeat was not recorded (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
 
