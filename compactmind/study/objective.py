@@ -266,7 +266,8 @@ class EarlyStop:
 
 def _replay(run: TrialRun, earlier: FrozenTrial) -> tuple[float, ...]:
     """A sampler proposed a configuration already measured in this study: reuse its figures."""
-    run.record(**{k: v for k, v in earlier.user_attrs.items() if k != "baseline"}, duplicate_of=earlier.number)
+    own = ("baseline", "worker")  # the earlier trial's role and process are its own, not this trial's
+    run.record(**{k: v for k, v in earlier.user_attrs.items() if k not in own}, duplicate_of=earlier.number)
     for key in CONSTRAINTS:
         if key in earlier.constraints:
             set_constraint(run.trial, key, earlier.constraints[key])
