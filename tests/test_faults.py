@@ -1,6 +1,7 @@
 """Bad trials and interruptions: the study records them and goes on, or stops cleanly and resumes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -117,6 +118,39 @@ def test_a_locked_sqlite_file_is_retried_with_backoff(tmp_path, monkeypatch, cap
     assert storage.get_study_user_attrs(study_id) == {"written": "after the lock"}
     assert "database is locked" in caplog.text
     other.close()
+
+
+def test_a_sigterm_during_a_storage_write_takes_effect_when_the_write_ends(tmp_path):
+    import sqlite3
+
+    import optuna
+    from sqlalchemy import event
+
+    from compactmind.study import storage as S
+    from compactmind.study.objective import Terminated
+    from compactmind.study.session import _Signals
+
+    storage = S.open_storage(f"sqlite:///{tmp_path}/s.db")
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "signal")
+    trial_id = storage.create_new_trial(study_id)
+
+    def signal_mid_write(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_USER_ATTRIBUTES"):
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs on the next line of SQLAlchemy's own code
+
+    event.listen(storage.engine, "before_cursor_execute", signal_mid_write)
+    guard = _Signals()
+    with guard:
+        guard.inside = True  # as in a trial, where a signal raises at once
+        with pytest.raises(Terminated):
+            storage.set_trial_user_attr(trial_id, "status", "written whole")
+    event.remove(storage.engine, "before_cursor_execute", signal_mid_write)
+    assert storage.get_trial_user_attrs(trial_id) == {"status": "written whole"}
+    other = sqlite3.connect(tmp_path / "s.db", timeout=0.1)
+    other.execute("BEGIN IMMEDIATE")  # nothing in this process still holds the file's write lock
+    other.rollback()
+    other.close()
+    storage.set_trial_user_attr(trial_id, "reason", "the shutdown writes at once")
 
 
 def test_kill_nine_drill_short_version(tiny_model_dir, text_file, tmp_path):

@@ -32,8 +32,8 @@ from compactmind.study.objective import Context, Terminated, TrialFailed, object
 from compactmind.study.records import STUDY_ATTR
 from compactmind.study.sampler import STRATEGIES, CandidateSampler
 from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
-from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, StorageTrouble, check_storage, load_study,
-                                       open_storage, safe_url, scrub, study_names)
+from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, StorageTrouble, check_storage, defer_signal,
+                                       load_study, open_storage, safe_url, scrub, study_names)
 from compactmind.trial import SILENT, Executor, Progress, load
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class _Signals:
 
     def _on_signal(self, signum, _frame):
         self.stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        if self.inside:
+        if self.inside and not defer_signal(self.stop):  # inside a storage call, it raises as the call ends
             raise self.stop
 
     def wrap(self, fn):
