@@ -144,6 +144,7 @@ def test_a_sigterm_during_a_storage_write_takes_effect_when_the_write_ends(tmp_p
         guard.inside = True  # as in a trial, where a signal raises at once
         with pytest.raises(Terminated):
             storage.set_trial_user_attr(trial_id, "status", "written whole")
+            time.sleep(5)  # the signal takes effect here, once the write is over
     event.remove(storage.engine, "before_cursor_execute", signal_mid_write)
     assert storage.get_trial_user_attrs(trial_id) == {"status": "written whole"}
     other = sqlite3.connect(tmp_path / "s.db", timeout=0.1)

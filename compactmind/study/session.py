@@ -32,8 +32,8 @@ from compactmind.study.objective import Context, Terminated, TrialFailed, object
 from compactmind.study.records import STUDY_ATTR
 from compactmind.study.sampler import STRATEGIES, CandidateSampler
 from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
-from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, StorageTrouble, check_storage, defer_signal,
-                                       load_study, open_storage, safe_url, scrub, study_names)
+from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, StorageTrouble, check_storage, load_study,
+                                       open_storage, safe_url, scrub, study_names)
 from compactmind.trial import SILENT, Executor, Progress, load
 
 log = logging.getLogger(__name__)
@@ -257,10 +257,19 @@ def run_trials(session: Session) -> str | None:
     return None
 
 
+STORAGE_MODULES = ("sqlalchemy", "optuna.storages")  # code a signal never raises inside (see _Signals)
+RECHECK_S = 0.01
+
+
 class _Signals:
     """Ctrl-C (SIGINT) and SIGTERM inside a trial raise there, so Optuna marks that trial FAIL with the reason
     recorded (it runs again on resume); outside one they ask the loop to stop, and a trial Optuna was creating
-    then ends at its start with the same status, so no trial is left RUNNING or failed without a reason."""
+    then ends at its start with the same status, so no trial is left RUNNING or failed without a reason.
+
+    A signal that finds the main thread inside a storage call raises only once the call is over (looked at
+    again every RECHECK_S by a timer): raised inside SQLAlchemy (in a commit, or as a session closes) it could
+    leave a connection checked out with its transaction open, and with SQLite the file locked, so the writes of
+    the shutdown itself (the trial's FAIL and reason) would wait on a lock their own process holds."""
 
     def __init__(self):
         self.stop: type[KeyboardInterrupt] | None = None
@@ -270,16 +279,26 @@ class _Signals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_recheck)
         return self
 
     def __exit__(self, *exc):
+        if self.previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def _on_signal(self, signum, _frame):
+    def _on_signal(self, signum, frame):
         self.stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        if self.inside and not defer_signal(self.stop):  # inside a storage call, it raises as the call ends
-            raise self.stop
+        self._on_recheck(signum, frame)
+
+    def _on_recheck(self, _signum, frame):
+        if not self.inside or self.stop is None:
+            return  # outside a trial the loop stops at its next check
+        if _in_storage(frame):
+            signal.setitimer(signal.ITIMER_REAL, RECHECK_S)
+            return
+        raise self.stop
 
     def wrap(self, fn):
         def guarded(trial):
@@ -297,6 +316,15 @@ class _Signals:
     def check(self) -> None:
         if self.stop is not None:
             raise self.stop
+
+
+def _in_storage(frame) -> bool:
+    """Whether the main thread, stopped at frame, is inside a storage call."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORAGE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _run_grid(study: optuna.Study, cfg: RunConfig, guard: _Signals, guarded) -> None:

@@ -3,17 +3,14 @@ a heartbeat so a killed trial is failed and retried, URL checks that need no con
 
 SQLite: writes wait for another process's lock under SQLite's busy timeout and are retried when SQLite refuses
 them at once (SQLiteStorage); processes opening one new file at the same moment take turns creating its tables.
-Every storage call runs whole: a signal that arrives during one takes effect when it ends (`defer_signal`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import logging
 import os
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -118,46 +115,7 @@ def _is_locked(exc: BaseException | None) -> bool:
     return False
 
 
-class _Deferral:
-    """The main thread's storage calls in progress, and the signal's exception that waits for them to end."""
-    depth = 0
-    pending: type[BaseException] | None = None
-
-
-def defer_signal(exc_type: type[BaseException]) -> bool:
-    """For a signal handler about to raise exc_type: False if the main thread is outside any storage call (raise
-    it now); True if it is inside one, which then raises exc_type as it ends. An exception raised inside
-    SQLAlchemy (in a commit, or in the session's close) can leave a connection checked out with its transaction
-    open, and with SQLite the file locked: every write of the shutdown after it (the trial's FAIL, its reason)
-    would then wait on a lock its own process holds."""
-    if _Deferral.depth == 0:
-        return False
-    _Deferral.pending = exc_type
-    return True
-
-
-def _whole(call):
-    """call, with a signal arriving in the main thread during it raised when it ends (see defer_signal)."""
-    @functools.wraps(call)
-    def whole(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            return call(*args, **kwargs)  # signal handlers run in the main thread only
-        _Deferral.depth += 1
-        try:
-            return call(*args, **kwargs)
-        finally:
-            _Deferral.depth -= 1
-            if _Deferral.depth == 0 and _Deferral.pending is not None:
-                pending, _Deferral.pending = _Deferral.pending, None
-                raise pending
-    return whole
-
-
-class Storage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage whose public calls each run whole (see defer_signal); the wrapping is below."""
-
-
-class SQLiteStorage(Storage):
+class SQLiteStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage on an SQLite file, each write retried with exponential backoff when SQLite refuses
     it as locked. SQLite waits for a lock under its busy timeout, except when two transactions that both read
     then want to write would deadlock: then it answers "database is locked" at once and rolls one back, and
@@ -168,7 +126,7 @@ class SQLiteStorage(Storage):
             try:
                 return write(*args, **kwargs)
             except Exception as exc:  # a locked write was rolled back; anything else is not ours to handle
-                if attempt == LOCKED_RETRIES or not _is_locked(exc) or _Deferral.pending is not None:
+                if attempt == LOCKED_RETRIES or not _is_locked(exc):
                     raise
                 delay = 0.1 * 2 ** attempt
                 log.warning("the study database is locked; retrying in %.1f s", delay)
@@ -211,14 +169,6 @@ class SQLiteStorage(Storage):
             log.warning("a heartbeat was not recorded (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
 
 
-for _name in dir(optuna.storages.RDBStorage):  # the public calls, and the one optuna.storages.fail_stale_trials makes
-    if (not _name.startswith("_") or _name == "_get_stale_trial_ids") \
-            and callable(getattr(optuna.storages.RDBStorage, _name)):
-        setattr(Storage, _name, _whole(getattr(optuna.storages.RDBStorage, _name)))
-        if _name in vars(SQLiteStorage):  # its own retried writes and heartbeat, run whole as well
-            setattr(SQLiteStorage, _name, _whole(vars(SQLiteStorage)[_name]))
-
-
 @contextlib.contextmanager
 def _creation_lock(path: Path | None):
     """Processes opening one new SQLite file at the same moment would race to create its tables (one fails
@@ -243,7 +193,7 @@ def open_storage(url: str, create: bool = True, readonly: bool = False) -> optun
     if path is not None and create and writing:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if path else {"pool_pre_ping": True}
-    storage_class = SQLiteStorage if path else Storage
+    storage_class = SQLiteStorage if path else optuna.storages.RDBStorage
     try:
         with warnings.catch_warnings(), _creation_lock(path if writing else None):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
