@@ -119,7 +119,10 @@ class SQLiteStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage on an SQLite file, each write retried with exponential backoff when SQLite refuses
     it as locked. SQLite waits for a lock under its busy timeout, except when two transactions that both read
     then want to write would deadlock: then it answers "database is locked" at once and rolls one back, and
-    the write can simply run again. Reads never meet that case, so only the writes are retried."""
+    the write can simply run again. Reads never meet that case, so only the writes are retried. A study reaches
+    this storage through Optuna's cache, which creates trials and sets parameters by the storage's private
+    methods: those two writes are not retried here (they wait under SQLite's busy timeout only), as wrapping
+    Optuna's private methods would break with its next release."""
 
     def _retry(self, write, *args, **kwargs):
         for attempt in range(LOCKED_RETRIES + 1):
@@ -140,12 +143,6 @@ class SQLiteStorage(optuna.storages.RDBStorage):
 
     def set_study_system_attr(self, *args, **kwargs):
         return self._retry(super().set_study_system_attr, *args, **kwargs)
-
-    def create_new_trial(self, *args, **kwargs):
-        return self._retry(super().create_new_trial, *args, **kwargs)
-
-    def set_trial_param(self, *args, **kwargs):
-        return self._retry(super().set_trial_param, *args, **kwargs)
 
     def set_trial_state_values(self, *args, **kwargs):
         return self._retry(super().set_trial_state_values, *args, **kwargs)
