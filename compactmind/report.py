@@ -127,14 +127,14 @@ def series(records: StudyRecords) -> list[Series]:
 def drawn(records: StudyRecords) -> list[tuple[Series, list[float], list[float]]]:
     """Each series with its x (ratio) and y values; the not-evaluated ones at a floor a little below the lowest
     measured figure (dense included), so the rejected part of the space shows on a log axis too."""
-    q = records.quality
+    q, kinds = records.quality, series(records)
     measured = [(s, [t.compression_ratio for t in s.points], [t.get(s.y or q) for t in s.points])
-                for s in series(records) if not s.floor]
+                for s in kinds if not s.floor]
     values = [y for _, _, ys in measured for y in ys if y is not None and y > 0]
     dense = (records.dense or {}).get(q)
     values += [dense] if dense and dense > 0 else []
     floors = [(s, [t.compression_ratio for t in s.points], [min(values) / 1.3] * len(s.points))
-              for s in series(records) if s.floor and values]
+              for s in kinds if s.floor and values]
     return measured + floors
 
 
@@ -152,6 +152,7 @@ def plot_png(records: StudyRecords) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.markers import MarkerStyle
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     q = records.quality
@@ -159,8 +160,8 @@ def plot_png(records: StudyRecords) -> bytes:
     plotted = drawn(records)
     for s, xs, ys in plotted:
         face = "none" if s.hollow else s.color
-        ax.scatter(xs, ys, marker=s.marker, s=34, c=face if s.marker == "x" else None,
-                   facecolors=None if s.marker == "x" else face, edgecolors=None if s.marker == "x" else s.color,
+        edge = s.color if MarkerStyle(s.marker).is_filled() else None  # a line marker ("x") takes the face colour
+        ax.scatter(xs, ys, marker=s.marker, s=34, facecolors=face, edgecolors=edge,
                    label=f"{s.name} ({len(s.points)})")
     front = front_2d(records)
     if front:
