@@ -16,11 +16,12 @@ def corpus_text(n_chars: int = 120_000) -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
 
 
-def finished_trials(db: Path) -> int:
+def finished_trials(db: Path, timeout: float = 5) -> int:
     """Trials finished (COMPLETE or PRUNED) in an SQLite study file another process is writing; 0 before it
-    exists. Read-only, so watching a run never takes its lock."""
+    exists (or while its writer holds it locked past `timeout`). Read-only, so watching a run never takes its
+    lock."""
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
         try:
             return con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
         finally:

@@ -19,6 +19,7 @@ import pytest
 
 from compactmind import pipeline as pl
 from compactmind.cli import main
+from conftest import finished_trials
 
 METHODS = ["random_pruning", "l2_pruning", "fp16"]
 
@@ -53,20 +54,21 @@ def check_exactly_once(storage, name):
 
 def measuring(db, worker) -> bool:
     """Whether worker (stopped, so this cannot change under the read) is inside a trial it has recorded as its
-    own, with parameters: one the heartbeat will fail and another worker retry. Read-only, never waiting on a
-    lock the stopped process may hold."""
+    own, with parameters (one the heartbeat will fail and another worker retry), after the study's first five.
+    Read-only, never waiting long on a lock the stopped process may hold."""
+    if finished_trials(db, timeout=0.2) < 5:
+        return False
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2)
         try:
-            done = con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
-            mine = con.execute(
+            return con.execute(
                 "select count(*) from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
                 "where t.state = 'RUNNING' and a.key = 'worker' and a.value_json = ? and exists "
-                "(select 1 from trial_params p where p.trial_id = t.trial_id)", (json.dumps(worker),)).fetchone()[0]
-            return done >= 5 and mine == 1
+                "(select 1 from trial_params p where p.trial_id = t.trial_id)", (json.dumps(worker),)
+            ).fetchone()[0] == 1
         finally:
             con.close()
-    except sqlite3.Error:  # not created yet, or locked by the stopped process's commit
+    except sqlite3.Error:  # locked by the stopped process's commit
         return False
 
 
