@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactmind import interrupt
 from compactmind.errors import CalibrationError
 
 
@@ -126,6 +127,7 @@ def sequential_(model: nn.Module, calib: Calibration, collect: Callable[[str, nn
     layers = decoder_layers(model)
     inputs, kwargs = capture_block_inputs(model, calib.samples, layers)
     for i, layer in enumerate(layers):
+        interrupt.checkpoint()
         stats, handles = {}, []
         seen: dict[int, tuple[torch.Tensor, str]] = {}  # input tensors of this forward, held so no id is reused
         alias: dict[str, str] = {}  # linears reading the same input (q/k/v, gate/up) share one accumulator

@@ -83,30 +83,68 @@ def publish(study: optuna.Study, records: StudyRecords, storage_url: str, report
         log.warning("could not attach the report plots to the study in %s: %s", folder, exc.strerror or exc)
 
 
-def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None = None,
-          access_log: bool = False) -> None:
-    """optuna-dashboard's WSGI app on a local server; one log line per request only with access_log."""
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def read_only(app):
+    """WSGI middleware: only reading requests reach `app`; any other (optuna-dashboard's write API deletes
+    studies, tells trials, edits the attributes the sampler trusts) gets 403."""
+    def guarded(environ, start_response):
+        if environ.get("REQUEST_METHOD", "GET").upper() in READ_METHODS:
+            return app(environ, start_response)
+        body = b'{"reason": "this dashboard is read-only (compactmind dashboard --read_only)"}'
+        start_response("403 Forbidden", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+    return guarded
+
+
+def exposure_warning(host: str, read_only_mode: bool) -> str | None:
+    """What to tell a user who serves the dashboard beyond this machine."""
+    if host in LOOPBACK:
+        return None
+    if read_only_mode:
+        return (f"the dashboard on {host} is reachable from other machines without a password; it is read-only, but "
+                "anyone who reaches it sees every study in this storage")
+    return (f"the dashboard on {host} is reachable from other machines without a password, and optuna-dashboard's "
+            "API lets anyone who reaches it delete studies, tell trials and change the attributes the search "
+            "trusts; pass --read_only, or keep --host 127.0.0.1 and reach it through an SSH tunnel")
+
+
+def app(storage, storage_url: str, artifacts: str | None = None, read_only_mode: bool = False):
+    """optuna-dashboard's WSGI app on a storage, with the study's artifact folder (read-only on request)."""
     try:
         import optuna_dashboard
     except ImportError:
         raise ConfigError("optuna-dashboard is not installed; pip install 'compactmind[dashboard]'.") from None
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
     from optuna.artifacts import FileSystemArtifactStore
+
+    folder = artifact_dir(storage_url, artifacts)
+    folder.mkdir(parents=True, exist_ok=True)
+    wsgi = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(folder)))
+    return read_only(wsgi) if read_only_mode else wsgi
+
+
+def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None = None,
+          access_log: bool = False, read_only_mode: bool = False) -> None:
+    """optuna-dashboard on a local server; one log line per request only with access_log."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     class Handler(WSGIRequestHandler):
         def log_message(self, format, *args):
             if access_log:
                 super().log_message(format, *args)
 
-    folder = artifact_dir(storage_url, artifacts)
-    folder.mkdir(parents=True, exist_ok=True)
-    app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(folder)))
+    wsgi = app(storage, storage_url, artifacts, read_only_mode)
+    warning = exposure_warning(host, read_only_mode)
+    if warning:
+        log.warning("%s", warning)
     try:
-        server = make_server(host, port, app, handler_class=Handler)
+        server = make_server(host, port, wsgi, handler_class=Handler)
     except OSError as exc:
         raise ConfigError(f"Cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port.") from None
-    print(f"optuna-dashboard on {safe_url(storage_url)}: http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    mode = " (read-only)" if read_only_mode else ""
+    print(f"optuna-dashboard{mode} on {safe_url(storage_url)}: http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     finally:

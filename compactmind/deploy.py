@@ -25,15 +25,13 @@ lm-evaluation-harness and any tool; k-bit weights are exact in FP16 only up to F
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compactmind.errors import ConfigError
+from compactmind.files import atomic_folder
 from compactmind.footprint import parameters
 from compactmind.formats import entry
 from compactmind.models import block_linears
@@ -61,21 +59,7 @@ def refusal(step_methods: list[list[str]], fmt: str) -> str | None:
 
 def write_folder(out: Path, write) -> None:
     """Write into a temporary sibling, then rename it into place (a reader never sees half a folder)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_folder(out, write)
 
 
 def _exact_float(t: torch.Tensor) -> torch.Tensor:

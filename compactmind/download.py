@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from compactmind.errors import CompactMindError
+from compactmind.files import atomic_write
 
 # What the CLI needs from a model repository (weights, config, tokenizer); not the other formats many ship.
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
@@ -98,9 +99,7 @@ def wikitext(out: str, name: str = "wikitext-2") -> list[Path]:
     written = []
     for split, filename in SPLITS.items():
         path = folder / filename
-        tmp = path.with_name(f".{filename}.tmp")
-        tmp.write_text("\n\n".join(splits[split]["text"]), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "\n\n".join(splits[split]["text"]))
         written.append(path)
     return written
 

@@ -24,24 +24,23 @@ layer's mean) get one level less compression, those with fewer one level more (O
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
-from compactmind import packed
+from compactmind import interrupt, packed
 from compactmind import pipeline as pl
 from compactmind.errors import ConfigError
+from compactmind.files import atomic_folder
 from compactmind.footprint import Footprint, Reference, parameters
 from compactmind.formats import Entry, QuantParams, Sparsity, TensorFormat, entry, record, stored_bytes
 from compactmind.models import block_linears, decoder_layers
@@ -247,6 +246,7 @@ def open_db(executor, levels: list[pl.Pipeline], granularity: str, root: Path, k
     folder = root / f"{executor.loaded.name}-{_fingerprint({**key, 'granularity': granularity, 'v': DB_VERSION})}"
     built = []
     for i, level in enumerate(levels):
+        interrupt.checkpoint()
         started = time.perf_counter()
         lv, how = _level(executor, level, units, folder)
         built.append(lv)
@@ -263,17 +263,13 @@ def _level(executor, level: pl.Pipeline, units: list[Unit], folder: Path) -> tup
     if (target / "level.json").is_file():
         return _read_level(level, target, units), "read from disk"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{target.name}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker building the same level: wait, then read it
-        try:
-            if (target / "level.json").is_file():
-                return _read_level(level, target, units), "read from disk (built by another process)"
-            for stale in folder.glob(f".{target.name}.*"):  # a builder killed mid-write (we hold its lock now)
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-            _build_level(executor, level, units, target)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(str(folder / f".{target.name}.lock")):  # another worker building it: wait, then read it
+        if (target / "level.json").is_file():
+            return _read_level(level, target, units), "read from disk (built by another process)"
+        for stale in folder.glob(f".{target.name}.*"):  # a builder killed mid-write (we hold its lock now)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        _build_level(executor, level, units, target)
     return _read_level(level, target, units), "built"
 
 
@@ -303,15 +299,12 @@ def _build_level(executor, level: pl.Pipeline, units: list[Unit], target: Path) 
                if n in outside and (entry(m, p) != Entry() or not torch.equal(t, outside[n]))]
     items, rest_tensors = _pack_params(changed, baseline)
     manifest["rest"] = items
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file(tensors, str(tmp / "units.safetensors"))
-        save_file(rest_tensors, str(tmp / "rest.safetensors"))
-        (tmp / "level.json").write_text(json.dumps(manifest))
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def fill(folder: Path) -> None:
+        save_file(tensors, str(folder / "units.safetensors"))
+        save_file(rest_tensors, str(folder / "rest.safetensors"))
+        (folder / "level.json").write_text(json.dumps(manifest))
+
+    atomic_folder(target, fill, replace=True)
 
 
 def _read_level(level: pl.Pipeline, folder: Path, units: list[Unit]) -> _Level:

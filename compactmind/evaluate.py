@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compactmind import interrupt
+
 # Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"}
 
@@ -102,6 +104,7 @@ def _scan(model: nn.Module, windows: torch.Tensor, batch_size: int, window_sums,
     total, done, reason, sums = 0.0, 0, None, []
     per_window = windows.shape[1] - 1
     for i in range(0, windows.shape[0], batch_size):
+        interrupt.checkpoint()
         batch = windows[i:i + batch_size].to(device)
         part = window_sums(batch, i).tolist()
         sums += part

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 from compactmind import packed
 from compactmind.config import RunConfig
 from compactmind.errors import ConfigError
+from compactmind.files import atomic_write
 from compactmind.formats import entry, layout
 from compactmind.footprint import parameters
 
@@ -238,9 +238,7 @@ def _verify(out: Path, fmt: str, manifest: dict, trial, windows, batch_size: int
 
     result = perplexity(reload(out, fmt, device), windows, batch_size)
     manifest["verified_perplexity"] = result.perplexity
-    tmp = out / f".{packed.MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, out / packed.MANIFEST)
+    atomic_write(out / packed.MANIFEST, json.dumps(manifest, indent=2, default=str))
     line = f"reloaded perplexity {result.perplexity:.4f} (trial: {trial.perplexity})"
     tolerance = _tolerance(fmt, manifest)
     if trial.perplexity is not None and abs(result.perplexity / trial.perplexity - 1) > tolerance:

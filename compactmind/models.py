@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from compactmind.errors import ConfigError, ModelError
+from compactmind.files import atomic_folder, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +98,15 @@ def _gguf_to_folder(gguf: Path) -> Path:
 
     model = Auto.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "compactmind_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "compactmind_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-        os.replace(tmp, target)
+        atomic_folder(target, fill)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
+        if not (target / "config.json").exists():  # another process converted it at the same moment: fine
             raise
     return target
 
@@ -130,9 +128,7 @@ def file_digest(path: Path) -> str:
             known[key] = hashlib.file_digest(fh, "sha256").hexdigest()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, cache)
+            atomic_write(cache, json.dumps(known))
         except OSError:
             pass  # a read-only cache only costs the hash again next time
     return known[key]

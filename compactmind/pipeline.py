@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from compactmind import interrupt
 from compactmind.calibration import Calibration
 from compactmind.errors import CompactMindError, IncompatiblePipelineError, PipelineError
 from compactmind.registry import Kind, all_methods, get_method
@@ -177,6 +178,7 @@ def apply_(model, pipeline: Pipeline, calib: Calibration | None, seed: int) -> f
     start = time.perf_counter()
     check(model, pipeline)
     for i, step in enumerate(pipeline.steps):
+        interrupt.checkpoint()
         if calib is not None:
             calib.model_is_dense = i == 0
             calib.step = str(step)

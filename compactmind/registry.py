@@ -39,6 +39,9 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # Parameters that leave the model unchanged, if the method has such a setting.
     identity: ClassVar[Any] = None
+    # Bumped whenever what the method makes of a model changes (how it rounds, what it keeps, a default): a
+    # study records the version of every method it uses and refuses to resume under another one.
+    version: ClassVar[int] = 1
     # True when the result depends on the seed (random choices); otherwise the seed must not matter.
     random: ClassVar[bool] = False
     # True when each linear's compressed weight stands alone: the method changes no norm and no shape, so a

@@ -12,11 +12,11 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from compactmind import interrupt
+from compactmind.files import atomic_write
 from compactmind.study.records import StudyRecords, TrialRecord
 
 log = logging.getLogger(__name__)
@@ -24,21 +24,6 @@ log = logging.getLogger(__name__)
 _FIRST_COLUMNS = ["number", "state", "status", "pipeline", "hybrid", "perplexity", "compression_ratio", "feasible",
                   "bits_per_weight", "sparsity", "model_bytes", "compress_seconds", "eval_seconds", "windows",
                   "eval_tokens", "dtype", "seq_len", "reason"]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a report has the user's normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(value):
@@ -289,24 +274,35 @@ def plot_profiles(records: StudyRecords) -> bytes | None:
     return _png(fig)
 
 
-def write(records: StudyRecords, out_dir: str | Path) -> list[Path]:
-    """Render every file in memory first, then write each atomically; returns the paths written."""
-    out = Path(out_dir)
-    rendered = {
-        "report.json": json.dumps(_jsonable(records.to_dict()), indent=2, allow_nan=False).encode(),
-        "search_history.csv": history_csv(records).encode(),
-        "search_space_analysis.png": plot_png(records),
-    }
-    profiles = plot_profiles(records)
-    if profiles is not None:
-        rendered["profiles.png"] = profiles
+def _html(records: StudyRecords) -> bytes | None:
     try:
-        rendered["search_space_analysis.html"] = plot_html(records)
+        return plot_html(records)
     except ImportError:
         log.warning("plotly is not installed; skipping the interactive HTML plot")
+        return None
+
+
+RENDERERS = {  # file name -> its bytes (None: not made for this study)
+    "report.json": lambda r: json.dumps(_jsonable(r.to_dict()), indent=2, allow_nan=False).encode(),
+    "search_history.csv": lambda r: history_csv(r).encode(),
+    "search_space_analysis.png": lambda r: plot_png(r),
+    "profiles.png": lambda r: plot_profiles(r),
+    "search_space_analysis.html": _html,
+}
+
+
+def write(records: StudyRecords, out_dir: str | Path) -> list[Path]:
+    """Render every file in memory first (a signal takes effect between two of them), then write each
+    atomically, with no stop between the writes, so the files always describe one state of the study; returns
+    the paths written."""
+    out = Path(out_dir)
+    rendered = {}
+    for name, render in RENDERERS.items():
+        interrupt.checkpoint()
+        data = render(records)
+        if data is not None:
+            rendered[name] = data
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     for name, data in rendered.items():
-        _atomic_write(out / name, data)
-        paths.append(out / name)
-    return paths
+        atomic_write(out / name, data)
+    return [out / name for name in rendered]

@@ -1,22 +1,28 @@
-"""Fault drill: kill a running study with `kill -9` at random moments, resume it each time, then check it.
+"""Fault drill: stop a running study with a signal at random moments, resume it each time, then check it.
 
-    python scripts/kill_resume.py --kills 10 --storage sqlite:///storage/drill.db --study_name drill \
-        --output_dir results/drill -- --study studies/demo.toml
+    python scripts/kill_resume.py --signal TERM --rounds 50 --storage sqlite:///storage/drill.db \
+        --study_name drill --output_dir results/drill -- --study studies/demo.toml
 
-Everything after `--` goes to `compactmind run` as it is. Each round starts the run, kills it (SIGKILL: no
-cleanup, no report) after a random number of seconds in [--min_s, --max_s], and starts it again; after the last
-kill the run is left to finish. Then the study is checked against what it should hold:
-- every candidate configuration finished (COMPLETE or PRUNED) exactly once, no other finished configuration;
-- no trial is left RUNNING or WAITING;
-- report.json lists exactly the storage's trials, with the same states and values.
-Prints the rounds and the check, and exits 1 when a check fails.
+Everything after `--` goes to `compactmind run` as it is. Each round starts the run and sends it --signal
+(KILL: kill -9, no cleanup; TERM: what Slurm and Kubernetes send; INT: Ctrl-C) after a random number of seconds
+in [--min_s, --max_s], so the signal lands anywhere: model load, level build, the dense baseline, a trial's
+compression or evaluation, report writing. The round's log says where it landed. After the last round the run
+is left to finish. Checked:
+- each TERM/INT round ends by itself with exit 143/130 (or 0 when the run had finished), without a traceback,
+  within --max_exit_s (a round that hangs gets its stacks dumped with SIGUSR1, then is killed: a failure);
+- after each TERM/INT round no trial is RUNNING, and report.json, when the round wrote one, equals the storage;
+- at the end: every candidate configuration finished (COMPLETE or PRUNED) exactly once (a static study), no trial
+  is left RUNNING or WAITING, and report.json lists exactly the storage's trials, with the same states and values.
+Prints the rounds and the checks, and exits 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,41 +30,91 @@ import time
 from collections import Counter
 from pathlib import Path
 
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+EXPECTED = {"TERM": 143, "INT": 130}
 
-def run_once(cmd: list[str], kill_after: float | None, log) -> tuple[int, float]:
+
+def phase_of(lines: list[str]) -> str:
+    """Where a run was when its output stopped: the last phase its log lines show."""
+    phase, dynamic, trials = "model load", False, False
+    for line in lines:
+        if re.search(r"(new|resuming) study", line):
+            phase, dynamic = "dense baseline", "levels per" in line
+        elif "dense perplexity" in line:
+            phase = "level build" if dynamic else "trials"
+        elif line.startswith("[trial "):
+            phase, trials = "trials", True
+        elif "compressing" in line:
+            phase = "trial compression" if trials or not dynamic else "level build"
+        elif "evaluating:" in line:
+            phase = "trial evaluation" if phase not in ("dense baseline", "final test measurement") else phase
+        elif "on the test windows" in line:
+            phase = "final test measurement"
+        elif "writing the reports" in line:
+            phase = "report writing"
+    return phase
+
+
+def run_once(cmd: list[str], sig: str, after: float | None, log, max_exit_s: float) -> tuple[int | None, float, str]:
+    """(exit code or None when it hung, seconds, its output)."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    start_at = log.tell()
+    env = {**os.environ, "COMPACTMIND_LOG_EVERY_S": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
     try:
-        proc.wait(timeout=kill_after)
+        proc.wait(timeout=after)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    return proc.returncode, time.monotonic() - started
+        proc.send_signal(SIGNALS[sig])
+        try:
+            proc.wait(timeout=max_exit_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack into the log
+            time.sleep(2)
+            proc.kill()
+            proc.wait()
+            log.flush()
+            return None, time.monotonic() - started, _since(log, start_at)
+    log.flush()
+    return proc.returncode, time.monotonic() - started, _since(log, start_at)
 
 
-def check(storage_url: str, study_name: str, output_dir: Path) -> list[str]:
-    """The problems found; empty when the study is whole."""
+def _since(log, offset: int) -> str:
+    with open(log.name, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
+def check(storage_url: str, study_name: str, output_dir: Path, final: bool) -> list[str]:
+    """The problems found; empty when the study is whole (final) or consistent (after a round)."""
     from optuna.trial import TrialState
 
-    from compactmind.study.records import STUDY_ATTR
+    from compactmind.study.records import study_meta
     from compactmind.study.session import open_records
 
-    study, _ = open_records(storage_url, study_name)
-    candidates = set(study.user_attrs[STUDY_ATTR]["about"]["candidates"])  # as the study's model made them
+    try:
+        study, _ = open_records(storage_url, study_name)
+    except Exception as exc:  # the round stopped before the study existed
+        return [] if not final else [f"the study cannot be read: {exc}"]
     trials = study.get_trials(deepcopy=False)
-    finished = [t.user_attrs["pipeline"] for t in trials
-                if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "pipeline" in t.user_attrs
-                and "duplicate_of" not in t.user_attrs]
     problems = []
-    twice = sorted(label for label, n in Counter(finished).items() if n > 1)
-    missing = sorted(candidates - set(finished))
-    foreign = sorted(set(finished) - candidates)
-    left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    for what, items in (("finished more than once", twice), ("never finished", missing),
-                        ("not in the grid", foreign), ("left RUNNING or WAITING", left)):
-        if items:
-            problems.append(f"{len(items)} {what}: {items[:5]}")
-    report = json.loads((output_dir / "report.json").read_text())
+    left = [t.number for t in trials if t.state == TrialState.RUNNING or (final and t.state == TrialState.WAITING)]
+    if left:
+        problems.append(f"{len(left)} left RUNNING{' or WAITING' if final else ''}: {left[:5]}")
+    meta = study_meta(study.user_attrs)
+    if final and not meta.get("dynamic"):
+        candidates = set(meta["about"]["candidates"])  # as the study's model made them
+        finished = [t.user_attrs["pipeline"] for t in trials
+                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "pipeline" in t.user_attrs
+                    and "duplicate_of" not in t.user_attrs and t.user_attrs.get("status") != "spare"]
+        for what, items in (("finished more than once", sorted(k for k, n in Counter(finished).items() if n > 1)),
+                            ("never finished", sorted(candidates - set(finished))),
+                            ("not in the grid", sorted(set(finished) - candidates))):
+            if items:
+                problems.append(f"{len(items)} {what}: {items[:5]}")
+    report_path = output_dir / "report.json"
+    if not report_path.exists():
+        return problems + (["no report.json"] if final else [])
+    report = json.loads(report_path.read_text())
     names = study.metric_names
     stored = {t.number: (t.state.name, t.values if t.state == TrialState.COMPLETE else None) for t in trials}
     reported = {t["number"]: (t["state"], [t[n] for n in names] if t["state"] == "COMPLETE" else None)
@@ -74,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--min_s", type=float, default=5.0, help="earliest kill, seconds after a start")
-    p.add_argument("--max_s", type=float, default=60.0, help="latest kill, seconds after a start")
+    p.add_argument("--signal", choices=sorted(SIGNALS), default="KILL")
+    p.add_argument("--rounds", "--kills", type=int, default=10, dest="rounds")
+    p.add_argument("--min_s", type=float, default=5.0, help="earliest signal, seconds after a start")
+    p.add_argument("--max_s", type=float, default=60.0, help="latest signal, seconds after a start")
+    p.add_argument("--max_exit_s", type=float, default=120.0, help="a TERM/INT round must end within this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", required=True)
     p.add_argument("--study_name", required=True)
@@ -87,27 +145,48 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need 0 < --min_s <= --max_s")
     rng = random.Random(args.seed)
     out = Path(args.output_dir)
-    cmd = [sys.executable, "-m", "compactmind", "-q", "run", *rest, "--storage", args.storage,
+    cmd = [sys.executable, "-m", "compactmind", "run", *rest, "--storage", args.storage,
            "--study_name", args.study_name, "--output_dir", str(out)]
     log_path = Path(args.log or f"{out}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    failures, phases, codes = [], Counter(), Counter()
     with open(log_path, "ab") as log:
-        for i in range(1, args.kills + 1):
+        for i in range(1, args.rounds + 1):
             after = rng.uniform(args.min_s, args.max_s)
-            rc, took = run_once(cmd, after, log)
-            what = "killed" if rc == -signal.SIGKILL else f"ended by itself (exit {rc})"
-            print(f"round {i:2d}: {what} after {took:5.1f} s", flush=True)
-        rc, took = run_once(cmd, None, log)
+            rc, took, output = run_once(cmd, args.signal, after, log, args.max_exit_s)
+            landed = phase_of([x for x in output.splitlines() if x.strip()]) if rc != 0 else "after the run ended"
+            phases[landed] += 1
+            codes[rc] += 1
+            problems = _round_problems(args.signal, rc, output)
+            if args.signal != "KILL" and rc is not None:
+                problems += check(args.storage, args.study_name, out, final=False)
+            failures += [f"round {i}: {x}" for x in problems]
+            print(f"round {i:2d}: SIG{args.signal} after {after:5.1f} s ({landed}) -> exit {rc}, {took:5.1f} s"
+                  + (f"  FAIL: {'; '.join(problems)}" if problems else ""), flush=True)
+        rc, took, output = run_once(cmd, args.signal, None, log, args.max_exit_s)
     print(f"final run: exit {rc} after {took:.1f} s", flush=True)
+    print(f"signals landed: {dict(phases)}; exit codes: {dict(codes)}")
     if rc != 0:
-        print(f"the final run failed; see {log_path}", file=sys.stderr)
-        return 1
-    problems = check(args.storage, args.study_name, out)
-    for problem in problems:
-        print(f"FAIL: {problem}")
-    if not problems:
-        print("OK: every configuration finished exactly once, no trial left RUNNING, report.json matches the storage")
-    return 1 if problems else 0
+        failures.append(f"the final run failed (exit {rc}); see {log_path}")
+    else:
+        failures += [f"at the end: {x}" for x in check(args.storage, args.study_name, out, final=True)]
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    if not failures:
+        print("OK: every round ended as its signal says, every configuration finished exactly once, no trial left "
+              "RUNNING, report.json matches the storage")
+    return 1 if failures else 0
+
+
+def _round_problems(sig: str, rc: int | None, output: str) -> list[str]:
+    if rc is None:
+        return ["hung after the signal (stacks in the log)"]
+    if sig == "KILL":
+        return [] if rc in (-signal.SIGKILL, 0) else [f"exit {rc}"]
+    problems = [] if rc in (EXPECTED[sig], 0) else [f"exit {rc}, expected {EXPECTED[sig]} or 0"]
+    if "Traceback" in output or "Exception ignored" in output:
+        problems.append("a traceback in its output")
+    return problems
 
 
 if __name__ == "__main__":

@@ -30,6 +30,26 @@ def finished_trials(db: Path, timeout: float = 5) -> int:
         return 0
 
 
+def communicate(proc, timeout: float):
+    """proc.communicate(timeout), but a child that has not ended by then first dumps every thread's stack
+    (compactmind registers faulthandler on SIGUSR1) into its stderr, and the test fails showing them."""
+    import signal
+    import subprocess
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        proc.kill()
+        tail = err if isinstance(err, str) else (err or b"").decode(errors="replace")
+        pytest.fail(f"the child did not end within {timeout} s; its stacks:\n{tail[-6000:]}")
+
+
 def tiny_config(vocab_size: int = 320, **overrides):
     from transformers import LlamaConfig
 

@@ -82,3 +82,33 @@ def test_pareto_front_page_shows_the_trials_in_headless_chromium(study_db, tmp_p
     assert "Pareto Front" in dom and "compression_ratio" in dom and "dash" in dom
     assert dom.count('class="point"') >= len(complete) > 0  # one marker per evaluated trial, at least
     assert shot.stat().st_size > 10_000
+
+
+def test_a_read_only_dashboard_refuses_every_write_and_warns_when_exposed(tmp_path):
+    import io
+
+    import optuna
+
+    from compactmind import dashboard
+    from compactmind.study.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage = open_storage(url)
+    optuna.create_study(study_name="kept", storage=storage)
+    app = dashboard.app(storage, url, read_only_mode=True)
+
+    def call(method, path):
+        from wsgiref.util import setup_testing_defaults
+
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(b""), "CONTENT_LENGTH": "0"}
+        setup_testing_defaults(environ)
+        status = []
+        b"".join(app(environ, lambda s, h, *exc: status.append(s)))
+        return status[0]
+
+    assert call("DELETE", "/api/studies/1").startswith("403")
+    assert call("GET", "/api/studies").startswith("200")
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["kept"]
+    assert dashboard.exposure_warning("127.0.0.1", False) is None
+    assert "--read_only" in dashboard.exposure_warning("0.0.0.0", False)
+    assert "read-only" in dashboard.exposure_warning("0.0.0.0", True)

@@ -25,7 +25,7 @@ from compactmind.study.sampler import EvoPressSampler
 from compactmind.study.spaces import LevelSpace
 from compactmind.trial import Executor
 
-from conftest import tiny_model
+from conftest import communicate, tiny_model
 
 IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(4))
 LEVELS = ["gptq(bits=2, group_size=32)", "gptq(bits=3, group_size=32)", "gptq(bits=4, group_size=32)"]
@@ -186,7 +186,8 @@ def test_many_workers_share_a_dynamic_study_without_evaluating_a_profile_twice(t
            f"sqlite:///{tmp}/s.db", "--n_trials", "10"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
     for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+        _, err = communicate(p, 600)
+        assert p.returncode == 0, err.decode()[-2000:]
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp}/s.db")
     evaluated = [t.user_attrs["candidate"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")
                  and "duplicate_of" not in t.user_attrs and "candidate" in t.user_attrs]

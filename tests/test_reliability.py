@@ -2,6 +2,7 @@
 at the same moment."""
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -13,7 +14,7 @@ import pytest
 
 from compactmind.cli import main
 
-from conftest import finished_trials, tiny_model
+from conftest import communicate, finished_trials, tiny_model
 
 METHODS = "random_pruning,l2_pruning,fp16"
 
@@ -94,7 +95,7 @@ def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resu
     while time.time() < deadline and finished_trials(tmp_path / "s.db") < 3:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = communicate(proc, 120)
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "resume with:" in out, err[:6000]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -116,7 +117,8 @@ def test_two_processes_creating_one_new_sqlite_study_at_once_both_proceed(tiny_m
     procs = [subprocess.Popen([*cmd, "--output_dir", str(tmp_path / f"out{i}")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+        _, err = communicate(p, 600)
+        assert p.returncode == 0, err[-2000:]
     import optuna
 
     study = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path}/new.db")
@@ -158,3 +160,84 @@ def test_a_checkpoint_missing_weights_is_refused_and_an_export_folder_loads_as_e
     figures = json.loads(capsys.readouterr().out)
     best = json.loads((tmp_path / "out" / "report.json").read_text())["best"]
     assert figures["perplexity"] == pytest.approx(best["perplexity"], rel=1e-6)  # the exported weights, unpacked
+
+
+def test_a_new_version_of_a_method_is_refused_on_resume_naming_it(tiny_model_dir, text_file, tmp_path, monkeypatch,
+                                                                   capsys):
+    from compactmind.registry import get_method
+
+    assert main(args(tiny_model_dir, text_file, tmp_path)) == 0
+    monkeypatch.setattr(type(get_method("bf16")), "version", get_method("bf16").version + 1)  # bf16 now rounds anew
+    capsys.readouterr()
+    assert main(args(tiny_model_dir, text_file, tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "version of bf16 (the study: 1; this run: 2" in err and err.count("\n") == 1
+
+
+def test_a_terminated_dynamic_baseline_is_measured_when_the_study_resumes(tiny_model_dir, text_file, tmp_path,
+                                                                         monkeypatch):
+    from compactmind.study import spaces
+
+    (tmp_path / "data").mkdir()
+    text = text_file.read_text()
+    (tmp_path / "data" / "test.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "data" / "valid.txt").write_text(text[len(text) // 2:])
+    run = ["-q", "run", "--dynamic", "--model_path", str(tiny_model_dir), "--data_path",
+           str(tmp_path / "data" / "test.txt"), "--seq_len", "48", "--max_eval_windows", "2", "--data_samples", "2",
+           "--selection_windows", "2", "--methods", "rtn", "--no_hybrids", "--target_ratio", "0.74",
+           "--storage", f"sqlite:///{tmp_path}/s.db", "--study_name", "dyn", "--output_dir", str(tmp_path / "out"),
+           "--n_trials", "3"]
+    compress = spaces.LevelSpace.compress
+
+    def terminated(self, executor, profile):  # SIGTERM lands in the first trial: the uniform baseline
+        os.kill(os.getpid(), signal.SIGTERM)
+        return compress(self, executor, profile)
+
+    monkeypatch.setattr(spaces.LevelSpace, "compress", terminated)
+    assert main(run) == 143
+    monkeypatch.setattr(spaces.LevelSpace, "compress", compress)
+    first = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
+    assert [(t.get("baseline"), t["state"], t["status"]) for t in first] == [
+        ("uniform", "FAIL", "terminated"), ("owl", "WAITING", None)]
+    assert main(run) == 0
+    trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
+    measured = [t for t in trials if t.get("baseline") == "uniform" and t["state"] == "COMPLETE"]
+    assert len(measured) == 1 and measured[0]["number"] > 0
+
+
+def test_the_resume_line_never_prints_a_storage_password():
+    from compactmind.cli.console import resume_command
+
+    for argv in (["run", "--storage", "postgresql://me:s3cret@db/x"], ["run", "--storage=postgresql://me:s3cret@db/x"]):
+        line = resume_command(argv)
+        assert "s3cret" not in line and "postgresql://me:***@db/x" in line
+
+
+def test_written_files_and_level_folders_have_the_users_permissions(tmp_path):
+    from compactmind.files import atomic_folder, atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "report.json", "{}")
+
+        def fill(folder):
+            (folder / "inner").mkdir()
+            (folder / "inner" / "units.safetensors").write_bytes(b"x")
+
+        atomic_folder(tmp_path / "level-1", fill)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "level-1").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "level-1" / "inner").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "level-1" / "inner" / "units.safetensors").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["level-1", "report.json"]  # no temporary left
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from compactmind.files import atomic_write
+
+    atomic_write(tmp_path / "r.json", "old")
+    with pytest.raises(TypeError):
+        atomic_write(tmp_path / "r.json", 12345)  # not bytes: fails mid-write
+    assert (tmp_path / "r.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 
 from compactmind import pipeline as pl
 from compactmind.cli import main
-from conftest import finished_trials
+from conftest import communicate, finished_trials
 
 METHODS = ["random_pruning", "l2_pruning", "fp16"]
 
@@ -72,9 +73,29 @@ def measuring(db, worker) -> bool:
         return False
 
 
-def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False):
+class Reader(threading.Thread):
+    """`compactmind report` in a loop on the study while the workers run (a reader holding the file open)."""
+
+    def __init__(self, storage, name, out):
+        super().__init__(daemon=True)
+        self.cmd = [sys.executable, "-m", "compactmind", "-q", "report", "--study_name", name, "--storage", storage,
+                    "--output_dir", str(out)]
+        self.done, self.runs, self.errors = threading.Event(), 0, []
+
+    def run(self):
+        while not self.done.is_set():
+            r = subprocess.run(self.cmd, capture_output=True, text=True, timeout=300)
+            self.runs += 1
+            if r.returncode != 0 and "No study named" not in r.stderr:
+                self.errors.append(r.stderr[-1000:])
+
+
+def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False, reports_to=None):
     create(tiny_model_dir, text_file, storage, name)
     procs = start_workers(storage, name, 3)
+    reader = Reader(storage, name, reports_to) if reports_to else None
+    if reader:
+        reader.start()
     killed = None
     if kill_one:  # stop the first worker, look at what it is doing, and kill it only inside a recorded trial
         deadline, worker = time.time() + 120, f"{socket.gethostname()}:{procs[0].pid}"
@@ -87,17 +108,23 @@ def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False):
             time.sleep(0.05)
         assert killed is not None, "no trial was running to kill"
     for p in procs:
-        p.wait(timeout=600)
+        _, err = communicate(p, 600)
         if p is not procs[0] or not kill_one:
-            assert p.returncode == 0, p.stderr.read().decode()[-2000:]
+            assert p.returncode == 0, err.decode()[-2000:]
+            assert b"Traceback" not in err and b"failed by another worker" not in err, err.decode()[-2000:]
+    if reader:
+        reader.done.set()
+        reader.join(300)
+        assert reader.runs >= 1 and not reader.errors, reader.errors
     return check_exactly_once(storage, name), killed
 
 
 def test_three_workers_on_sqlite_with_one_killed(tiny_model_dir, text_file, tmp_path):
     storage = f"sqlite:///{tmp_path}/shared.db"
-    trials, killed = run_three_workers(tiny_model_dir, text_file, storage, "w3", kill_one=True)
+    trials, killed = run_three_workers(tiny_model_dir, text_file, storage, "w3", kill_one=True,
+                                       reports_to=tmp_path / "reports")
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert len(failed) == 1  # the killed worker's trial: failed by the heartbeat, retried by another worker
+    assert len(failed) == 1  # the killed worker's trial (no live one): failed, retried by another worker
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
     assert failed[0].user_attrs["worker"] == killed != retries[0].user_attrs["worker"]
@@ -148,8 +175,9 @@ def postgres(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_three_workers_on_postgresql(tiny_model_dir, text_file, postgres):
-    run_three_workers(tiny_model_dir, text_file, postgres, "pg3")
+def test_three_workers_on_postgresql(tiny_model_dir, text_file, postgres, tmp_path):
+    trials, _ = run_three_workers(tiny_model_dir, text_file, postgres, "pg3", reports_to=tmp_path / "reports")
+    assert not [t for t in trials if t.state.name == "FAIL"]  # no live trial failed by another worker
 
 
 def test_a_storage_password_never_shows_in_logs_reports_or_the_dashboard_note(tiny_model_dir, text_file, postgres,

@@ -7,9 +7,12 @@ exit code: 1 for a problem with the input or environment, 2 for a malformed comm
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
+from compactmind import interrupt
 from compactmind.cli.commands import COMMANDS
 from compactmind.cli.parser import apply_study_file, build_parser, parse_config
 from compactmind.errors import CompactMindError
@@ -52,6 +55,14 @@ def _warn_password_on_command_line(argv: list[str]) -> None:
                 "set COMPACTMIND_STORAGE instead, or keep it in PGPASSWORD / ~/.pgpass")
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to stderr: a run that seems to hang explains itself."""
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows), or stderr is not a file (captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -69,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # what resumes the study: the same command line
     _setup_logging(args.verbose, args.quiet)
     _warn_password_on_command_line(argv)
+    _stacks_on_sigusr1()
     try:
-        return COMMANDS[args.command](args)
+        with interrupt.guard():
+            code = COMMANDS[args.command](args)
+            late = interrupt.pending()  # a signal after the last checkpoint: the work is done, the exit says so
+            return late.exit_code if late and code == 0 else code
     except CompactMindError as exc:
         print(f"compactmind: error: {exc}", file=sys.stderr)
         return 1
@@ -85,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compactmind: error: {exc.strerror or exc}{where}; free space or fix the permissions, then run the same "
               "command again to resume.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("compactmind: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stop = exc if isinstance(exc, interrupt.Interrupted) else interrupt.Interrupted()
+        print(f"compactmind: {stop.status}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

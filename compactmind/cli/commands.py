@@ -30,31 +30,53 @@ def _writable_dir(path: str) -> Path:
 
 
 def _run_and_report(cfg, out_dir: Path | None, argv: list[str], worker: bool = False) -> int:
+    """Open the study, run its trials, write its reports. A signal takes effect at the next checkpoint anywhere
+    in this (model load, baseline, levels, trials, reports): what is done stays done, the reports are written
+    for whatever the study holds then, and the exit code says which signal it was (130 Ctrl-C, 143 SIGTERM)."""
+    from compactmind import interrupt
     from compactmind.study import session as S
 
     started = time.perf_counter()
-    with console.Progress() as progress:
-        session = S.open_session(cfg, progress)
-        size = session.size
-        progress.start(size or cfg.n_trials,
-                       sum(t.state.is_finished() for t in session.study.get_trials(deepcopy=False)) if size else 0)
-        stopped = S.run_trials(session)
-    records = session.records()
+    opened = session = stop = None
+    try:
+        with console.Progress() as progress:
+            opened = S.open_study(cfg)
+            session = S.start(opened, progress)
+            size = session.size
+            progress.start(size or cfg.n_trials,
+                           sum(t.state.is_finished() for t in opened.study.get_trials(deepcopy=False)) if size else 0)
+            S.run_trials(session)
+        _finish(opened, cfg, out_dir, worker, started)
+    except interrupt.Interrupted as exc:
+        stop = exc
+        if opened is not None:
+            _finish(opened, cfg, out_dir, worker, started)
+    size = session.size if session is not None else None
+    unfinished = console.unfinished(S.records_of(opened.study, cfg.storage), size) if opened else None
+    if stop or unfinished:
+        what = f"{stop.status} before the study was opened" if stop and opened is None else \
+            stop.status if stop else None
+        print(f"{': '.join(filter(None, [what, unfinished]))}; resume with: "
+              f"{console.resume_command(argv, cfg.storage)}")
+    return stop.exit_code if stop else 0
+
+
+def _finish(opened, cfg, out_dir: Path | None, worker: bool, started: float) -> None:
+    from compactmind.study import session as S
+
+    records = S.records_of(opened.study, cfg.storage)
     if worker:
-        S.publish_note(session)
+        S.publish(opened.study, records, cfg.storage)
         print(f"worker done: study {records.study} has {len(records.trials)} trials "
               f"({records.counts.get('COMPLETE', 0)} evaluated)")
-    else:
-        try:
-            S.write_reports(session.study, records, cfg.storage, out_dir)
-        except OSError as exc:
-            raise ConfigError(f"Cannot write the reports to {out_dir}: {exc.strerror or exc}; free space or pass "
-                              "another --output_dir, then run 'compactmind report'.") from None
-        print(console.summary(records, out_dir, time.perf_counter() - started))
-    unfinished = console.unfinished(records, size)
-    if stopped or unfinished:
-        print(f"{': '.join(filter(None, [stopped, unfinished]))}; resume with: {console.resume_command(argv)}")
-    return {"interrupted": 130, "terminated": 143}.get(stopped, 0)
+        return
+    log.info("writing the reports to %s", out_dir)
+    try:
+        S.write_reports(opened.study, records, cfg.storage, out_dir)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the reports to {out_dir}: {exc.strerror or exc}; free space or pass "
+                          "another --output_dir, then run 'compactmind report'.") from None
+    print(console.summary(records, out_dir, time.perf_counter() - started))
 
 
 def cmd_run(args) -> int:
@@ -169,7 +191,7 @@ def cmd_dashboard(args) -> int:
     from compactmind.study.storage import open_storage
 
     dashboard.serve(open_storage(args.storage, create=False), args.storage, args.host, args.port, args.artifact_dir,
-                    access_log=args.verbose > 0)
+                    access_log=args.verbose > 0, read_only_mode=args.read_only)
     return 0
 
 

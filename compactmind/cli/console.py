@@ -127,11 +127,22 @@ def unfinished(records: StudyRecords, size: int | None) -> str | None:
     return f"{done} of {size} configurations done" if done < size else None
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that resumes this study: the same one again."""
+def resume_command(argv: list[str], storage_url: str | None = None) -> str:
+    """The command line that resumes this study: the same one again, with a storage password masked (it is
+    never printed; set it in $COMPACTMIND_STORAGE, PGPASSWORD or ~/.pgpass)."""
     import shlex
 
-    return "compactmind " + shlex.join(argv)
+    from compactmind.study.storage import safe_url
+
+    shown = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key == "--storage":
+            arg = f"--storage={safe_url(value)}"
+        elif shown and shown[-1] == "--storage":
+            arg = safe_url(arg)
+        shown.append(arg)
+    return "compactmind " + shlex.join(shown)
 
 
 def _vs_source(t: TrialRecord) -> str:

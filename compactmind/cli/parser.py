@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--host", default="127.0.0.1")
     dash.add_argument("--port", type=_port, default=8080)
     _flag(dash, "artifact_dir", help="artifact folder (default: 'artifacts' beside the SQLite file)")
+    _flag(dash, "read_only", action="store_true", help="refuse every request that would change the storage "
+                                                       "(optuna-dashboard's API has no password)")
     exp = sub.add_parser("export", help="re-apply a trial's pipeline to the original model and write it as a "
                                         "Hugging Face folder (packed, compressed-tensors or dense)")
     _study_ref(exp)

@@ -14,7 +14,6 @@ by name, in the order of the objectives.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import os
@@ -25,10 +24,12 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from compactmind import interrupt
 from compactmind.config import RunConfig
 from compactmind.errors import CompactMindError
+from compactmind.study.records import TrialStatus
 from compactmind.study.sampler import SPARE_ATTR
-from compactmind.study.storage import StorageTrouble
+from compactmind.study.storage import GRACE_S, StorageTrouble
 from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
 from compactmind.trial import Compressed, Executor, peak_memory, reset_peak_memory
 
@@ -38,28 +39,14 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded with every trial: w
 CONSTRAINTS = ("target_ratio", "perplexity_cap")  # ratio >= target; perplexity <= cap factor x dense
 
 
-class TrialStatus(str, enum.Enum):
-    OK = "ok"
-    INFEASIBLE = "infeasible"  # below the target ratio: not evaluated
-    INVALID = "invalid"  # the pipeline cannot apply to this model
-    EARLY_STOPPED = "early_stopped"
-    OVER_CAP = "over_cap"  # evaluated in full, perplexity over the cap: measured, infeasible
-    NONFINITE = "nonfinite"
-    FAILED = "failed"  # an error inside the trial (a bug in one method)
-    OUT_OF_MEMORY = "out_of_memory"
-    INTERRUPTED = "interrupted"  # Ctrl-C: run again when the study resumes
-    TERMINATED = "terminated"  # SIGTERM (Slurm, Kubernetes, systemd): run again when the study resumes
-    KILLED = "killed"  # its process died without a word (kill -9, a lost machine): failed by the heartbeat
-    SPARE = "spare"  # a grid trial that found every candidate taken by other workers
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM inside a trial: it ends like Ctrl-C, recorded as terminated."""
-
-
 class TrialFailed(Exception):
     """A trial failed of its own (recorded with its reason); the study goes on. Any other error, a storage
     error above all, ends the run at once instead of failing every trial after it."""
+
+
+class TrialLost(Exception):
+    """Another worker failed this trial while it ran (no beat of it had reached the storage for the grace
+    period); this worker drops it and goes on, and the configuration runs again."""
 
 
 @dataclass
@@ -119,19 +106,30 @@ class TrialRun:
         self.ctx.executor.progress.trial_done({"number": self.trial.number, **self.attrs})
 
 
-def record_signal(trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
-    """A signal ended this trial (anywhere in it, or as it was created): its status and reason, so it shows
-    as interrupted or terminated, never as a silent failure."""
-    status = TrialStatus.TERMINATED if isinstance(exc, Terminated) else TrialStatus.INTERRUPTED
+def record_signal(trial: optuna.Trial, stop: interrupt.Interrupted) -> None:
+    """A signal ended this trial at one of its checkpoints: its status and reason, so it shows as interrupted
+    or terminated, never as a silent failure."""
     try:
-        trial.set_user_attr("status", status.value)
-        trial.set_user_attr("reason", f"{status.value} by a signal; it runs again when the study resumes")
-    except StorageTrouble:
-        pass  # the signal cut a storage write short; the trial still ends FAIL
+        trial.set_user_attr("status", stop.status)
+        trial.set_user_attr("reason", f"{stop.status} by a signal; it runs again when the study resumes")
+    except (optuna.exceptions.UpdateFinishedTrialError, *StorageTrouble):
+        pass  # another worker failed it meanwhile, or the storage failed: the trial still ends FAIL
+
+
+def lost(trial: optuna.Trial) -> TrialLost:
+    return TrialLost(f"trial {trial.number} was failed by another worker while this one ran it (no beat of it "
+                     f"reached the storage for {GRACE_S:.0f} s); this worker drops it, and its configuration runs "
+                     "again")
 
 
 def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
-    _heartbeat_now(trial)
+    try:
+        return _objective(ctx, trial)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise lost(trial) from None
+
+
+def _objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
     run = TrialRun(ctx, trial)
     if trial.storage.get_trial_system_attrs(trial._trial_id).get(SPARE_ATTR):
         raise run.stop(TrialStatus.SPARE, "every remaining candidate was taken by another worker")
@@ -155,8 +153,8 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
     except optuna.TrialPruned:
         run.finish()
         raise
-    except (OSError, *StorageTrouble):
-        raise  # the machine or the storage, not this candidate: end the run
+    except (OSError, optuna.exceptions.UpdateFinishedTrialError, *StorageTrouble):
+        raise  # the machine or the storage, not this candidate: end the run (or, lost, drop the trial)
     except Exception as exc:  # out of memory or a bug in one method: record it, free memory, go on
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -167,17 +165,6 @@ def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
         raise TrialFailed(str(exc)) from exc
     run.finish()
     return values
-
-
-def _heartbeat_now(trial: optuna.Trial) -> None:
-    """Record the trial's first heartbeat before it takes any parameter. Optuna's heartbeat thread starts with
-    the trial but may not have run yet when the objective sets parameters; a process killed in that gap would
-    leave a RUNNING trial with parameters and no heartbeat, which nothing ever fails. With this, a trial without
-    parameters is an orphan (failed after the grace period, see session._fail_orphans) and one with parameters
-    has a heartbeat that goes stale."""
-    storage = trial.storage
-    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
-        storage.record_heartbeat(trial._trial_id)
 
 
 def _compress(run: TrialRun, candidate) -> Compressed:

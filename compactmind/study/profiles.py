@@ -15,12 +15,13 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from compactmind import interrupt
 from compactmind import pipeline as pl
 from compactmind.config import RunConfig
 from compactmind.dynamic import LevelDB, open_db, outlier_ratios, owl_profile
-from compactmind.study.records import STUDY_ATTR, TEST_ATTR, quality_of
+from compactmind.study.records import TEST_ATTR, holds_configuration, meta_attr, quality_of
 from compactmind.study.spaces import LevelSpace, Measure
-from compactmind.study.storage import sqlite_path
+from compactmind.study.storage import sqlite_path, study_lock
 from compactmind.trial import Executor
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,26 @@ def open_levels(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline]) -
     return open_db(executor, levels, cfg.granularity, levels_root(cfg), key, executor.progress.level)
 
 
-def level_space(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline], study: optuna.Study) -> LevelSpace:
-    """Open (or build) the level database, record its levels in the study, and enqueue the baselines."""
+def level_space(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline], study: optuna.Study,
+                storage) -> LevelSpace:
+    """Open (or build) the level database, record its levels in the study, and enqueue the baselines
+    (`storage`: the study's RDB storage, whose lock makes two workers starting at once enqueue them once)."""
     db = open_levels(cfg, executor, levels)
     space = LevelSpace(db, cfg.granularity, cfg.target_ratio, executor.reference.dense_bytes, cfg.quality)
-    meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
-    if "levels" not in meta:
-        meta.update(levels=db.labels, level_ratios=[lv.ratio for lv in db.levels], units=space.names,
-                    rest_from=db.rest_from, level_seconds=[lv.manifest.get("compress_seconds") for lv in db.levels])
-        study.set_user_attr(STUDY_ATTR, meta)
-    _enqueue_baselines(study, space, executor)
+    if meta_attr("dynamic") not in study.user_attrs:
+        study.set_user_attr(meta_attr("dynamic"), {
+            "levels": db.labels, "level_ratios": [lv.ratio for lv in db.levels], "units": space.names,
+            "rest_from": db.rest_from, "level_seconds": [lv.manifest.get("compress_seconds") for lv in db.levels]})
+    with study_lock(storage, study.study_name):
+        _enqueue_baselines(study, space, executor)
     return space
 
 
 def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executor) -> None:
-    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    """Enqueue the baselines the study does not hold yet: one that ended FAIL (terminated, interrupted; a killed
+    one has a WAITING retry) is not held, and runs again."""
+    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
+               if holds_configuration(t.state, t.user_attrs.get("status"))}
     if set(BASELINES) <= present:
         return
     uniform = space.uniform()
@@ -82,6 +88,7 @@ def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_s
     for t in chosen(study, space):
         if f"{TEST_ATTR}{t.number}" in study.user_attrs:
             continue
+        interrupt.checkpoint()
         compressed = executor.assemble(space.db, LevelSpace.profile_of(t.params, space.names))
         result = test.score(executor, batch_size)
         study.set_user_attr(f"{TEST_ATTR}{t.number}", test.attrs(result))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +13,60 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compactmind.study.storage import safe_url
 
-STUDY_ATTR = "compactmind"  # the study's own user attribute: identity, settings, dense baseline
+class TrialStatus(str, enum.Enum):
+    """compactmind's word for what happened to a trial (its `status` attribute)."""
+
+    OK = "ok"
+    INFEASIBLE = "infeasible"  # below the target ratio: not evaluated
+    INVALID = "invalid"  # the pipeline cannot apply to this model
+    EARLY_STOPPED = "early_stopped"
+    OVER_CAP = "over_cap"  # evaluated in full, perplexity over the cap: measured, infeasible
+    NONFINITE = "nonfinite"
+    FAILED = "failed"  # an error inside the trial (a bug in one method)
+    OUT_OF_MEMORY = "out_of_memory"
+    INTERRUPTED = "interrupted"  # Ctrl-C: run again when the study resumes
+    TERMINATED = "terminated"  # SIGTERM (Slurm, Kubernetes, systemd): run again when the study resumes
+    KILLED = "killed"  # its process died without a word (kill -9, a lost machine): failed by the heartbeat
+    LOST = "lost"  # another worker failed it while it ran (it looked stale): run again
+    SPARE = "spare"  # a grid trial that found every candidate taken by other workers
+
+
+FAILED_OF_ITSELF = (TrialStatus.FAILED.value, TrialStatus.OUT_OF_MEMORY.value)  # running it again fails again
+
+
+def holds_configuration(state: TrialState, status: str | None) -> bool:
+    """Whether a trial has its configuration done (or in hand): any trial but a failed one, unless it failed of
+    itself; a killed, interrupted, terminated or lost one holds nothing, and its configuration runs again."""
+    return state != TrialState.FAIL or status in FAILED_OF_ITSELF
+
+
+# What a study records about itself, one user attribute per part, each written once by the step that owns it
+# (so no part is ever read, changed and written back while another process writes another part):
+META_PARTS = ("identity", "about", "config", "dense", "dynamic")
+LEGACY_ATTR = "compactmind"  # studies of compactmind 0.1 kept every part in this one attribute
 TEST_ATTR = "compactmind:test:"  # + trial number: a dynamic study's test figures of a chosen trial
+
+
+def meta_attr(part: str) -> str:
+    """The user attribute holding one part of a study's own record."""
+    if part not in META_PARTS:
+        raise KeyError(part)
+    return f"compactmind:{part}"
+
+
+def study_meta(user_attrs: dict) -> dict:
+    """A study's own record: identity, about (paths and labels), config, dense baseline, and a dynamic study's
+    levels (levels, level_ratios, level_seconds, units, rest_from) at the top level."""
+    meta = dict(user_attrs.get(LEGACY_ATTR) or {})
+    for part in META_PARTS:
+        value = user_attrs.get(meta_attr(part))
+        if value is None:
+            continue
+        if part == "dynamic":
+            meta.update(value)
+        else:
+            meta[part] = value
+    return meta
 QUALITY_OBJECTIVES = ("perplexity", "selection_perplexity", "selection_kl")
 
 
@@ -143,7 +196,7 @@ def quality_of(study: optuna.Study) -> str:
 
 def collect(study: optuna.Study, storage_url: str) -> StudyRecords:
     """Everything a report needs, from the storage alone."""
-    meta = study.user_attrs.get(STUDY_ATTR, {})
+    meta = study_meta(study.user_attrs)
     identity = meta.get("identity", {})
     about = meta.get("about", identity)  # paths and labels, for a person; identity holds the content
     names, quality, attrs = objectives_of(study), quality_of(study), study.user_attrs

@@ -7,20 +7,16 @@ A study stores its identity (model, data, protocol, target, objectives, search s
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from compactmind import identity as ident
+from compactmind import interrupt
 from compactmind import pipeline as pl
 from compactmind.config import LOCAL_FIELDS, OBJECTIVES, RunConfig
 from compactmind.errors import ConfigError, StorageError
@@ -28,104 +24,55 @@ from compactmind.data import Dataset
 from compactmind.models import LoadedModel
 from compactmind.study import records as rec
 from compactmind.study import profiles
-from compactmind.study.objective import Context, Terminated, TrialFailed, objective, record_signal
-from compactmind.study.records import STUDY_ATTR
+from compactmind.study.liveness import Beating, fail_lost_trials
+from compactmind.study.objective import Context, TrialFailed, TrialLost, lost, objective, record_signal
+from compactmind.study.records import meta_attr, study_meta
 from compactmind.study.sampler import STRATEGIES, CandidateSampler
 from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
-from compactmind.study.storage import (GRACE_S, HEARTBEAT_S, StorageTrouble, check_storage, load_study,
-                                       open_storage, safe_url, scrub, study_names)
+from compactmind.study.storage import (HEARTBEAT_S, StorageTrouble, check_storage, load_study, open_storage,
+                                       safe_url, scrub, study_lock, study_names)
 from compactmind.trial import SILENT, Executor, Progress, load
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def study_identity(loaded: LoadedModel, data: Dataset, cfg: RunConfig, candidates: list[pl.Pipeline]) -> dict:
-    """What a study is, by content (never by path): a resumed run or a joining worker must match it."""
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    source = loaded.source_info or {}
-    return {
-        "model": {"name": loaded.name, "parameters": n_params, "weights": loaded.fingerprint,
-                  **({"source_format": source["format"], "source_bytes": source["bytes"],
-                      "source_bits_per_weight": round(source["bits_per_weight"], 4)} if source else {})},
-        "data": {k: data.info[k] for k in ("eval_ids", "calib_ids", "selection_ids", "windows", "calib_samples")
-                 if k in data.info},
-        "protocol": {"seq_len": data.seq_len, "windows": data.info["windows"], "dtype": str(loaded.dtype)[6:],
-                     "data_samples": cfg.data_samples, "seed": cfg.seed, "baseline_bits": cfg.baseline_bits},
-        "target_ratio": cfg.target_ratio,
-        "objectives": list(cfg.objectives),
-        "search_space": fingerprint([str(c) for c in candidates]),
-        "search": {"strategy": cfg.strategy, "ppl_cap_factor": cfg.ppl_cap_factor, "early_stop": cfg.early_stop,
-                   "dominance_margin": cfg.dominance_margin},
-        **({"dynamic": {"granularity": cfg.granularity, "fitness": cfg.fitness,
-                        "selection_windows": cfg.selection_windows}} if cfg.dynamic else {}),
-    }
-
-
-def default_study_name(identity: dict) -> str:
-    return f"{identity['model']['name']}-{fingerprint(identity)}"
-
-
-_WHAT = {"model.weights": "model weights (their content changed)", "data.eval_ids": "evaluation text (its tokens "
-         "changed)", "data.calib_ids": "calibration text (its tokens changed)", "data.selection_ids": "selection "
-         "text (its tokens changed)"}
-
-
-def _differences(stored: dict, now: dict, prefix: str = "") -> list[str]:
-    """What differs between a stored identity and this run's, named for a person."""
-    out = []
-    for key in now:
-        old, new, name = stored.get(key), now[key], f"{prefix}{key}"
-        if fingerprint(old) == fingerprint(new):
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            out += _differences(old, new, f"{name}.")
-        elif name in _WHAT:
-            out.append(_WHAT[name])
-        else:
-            def shown(v):
-                return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
-            out.append(f"{name} (the study: {shown(old)}; this run: {shown(new)})")
-    return out
+    return ident.identity_of(loaded, data, cfg, candidates)
 
 
 def check_identity(study: optuna.Study, identity: dict) -> None:
-    """Refuse a study made with other content or settings than this run's, naming what changed."""
-    stored = study.user_attrs.get(STUDY_ATTR, {}).get("identity")
-    if stored is not None and fingerprint(stored) != fingerprint(identity):
-        raise StorageError(f"Study {study.study_name!r} was made with a different "
-                           f"{'; '.join(_differences(stored, identity))}; pass the same settings, or a new "
-                           "--study_name (or leave it out to get one keyed by these settings).")
+    """Refuse a study made with other content, settings or code than this run's, naming what changed."""
+    ident.check(study_meta(study.user_attrs).get("identity"), identity, study.study_name)
 
 
 def create_or_resume(storage, name: str, identity: dict, about: dict, cfg: RunConfig) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists and matches; a different study under the name is refused.
-    `about` (paths, labels) is recorded for reports but never compared."""
-    if name in study_names(storage):
-        study = optuna.load_study(study_name=name, storage=storage)
-        check_identity(study, identity)
-        if "identity" not in study.user_attrs.get(STUDY_ATTR, {}):  # its creator died before writing its settings
-            _describe(study, identity, about, cfg)
-        return study, True
-    directions = [OBJECTIVES[o] for o in cfg.objectives]
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=True)
-    _describe(study, identity, about, cfg)
-    return study, False
+    One process at a time (study_lock), so two runs racing to create one name never both describe it: the
+    second finds the first's identity and is refused if it differs. `about` (paths, labels) is recorded for
+    reports but never compared."""
+    with study_lock(storage, name):
+        if name in study_names(storage):
+            study = optuna.load_study(study_name=name, storage=storage)
+            check_identity(study, identity)
+            if "identity" not in study_meta(study.user_attrs):  # its creator died before describing it
+                _describe(study, identity, about, cfg)
+            return study, True
+        directions = [OBJECTIVES[o] for o in cfg.objectives]
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=True)
+        _describe(study, identity, about, cfg)
+        return study, False
 
 
 def _describe(study: optuna.Study, identity: dict, about: dict, cfg: RunConfig) -> None:
     study.set_metric_names(list(cfg.objectives))
-    meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
-    meta.update(identity=identity, about=about, config=cfg.to_dict(study_only=True))
-    study.set_user_attr(STUDY_ATTR, meta)
+    study.set_user_attr(meta_attr("about"), about)
+    study.set_user_attr(meta_attr("config"), cfg.to_dict(study_only=True))
+    study.set_user_attr(meta_attr("identity"), identity)  # last: a study with its identity is whole
 
 
 def stored_config(study: optuna.Study) -> dict:
     """The settings the study was created with (what a worker needs to join it)."""
-    config = study.user_attrs.get(STUDY_ATTR, {}).get("config")
+    config = study_meta(study.user_attrs).get("config")
     if not config:
         raise StorageError(f"Study {study.study_name!r} was not created by compactmind (no stored settings); "
                            "start it with 'compactmind run' or 'compactmind create'.")
@@ -142,10 +89,10 @@ def joined_config(local: RunConfig) -> RunConfig:
 def dense_baseline(study: optuna.Study, executor: Executor, batch_size: int) -> tuple[dict, bool]:
     """The dense model's perplexity on the test windows (and on a dynamic study's selection windows), measured
     once per study and kept in the study; (figures, measured now)."""
-    meta = dict(study.user_attrs.get(STUDY_ATTR, {}))
     selection = executor.data.selection
-    if "dense" in meta and (selection is None or "selection_perplexity" in meta["dense"]):
-        return meta["dense"], False
+    known = study_meta(study.user_attrs).get("dense")
+    if known and (selection is None or "selection_perplexity" in known):
+        return known, False
     executor.restore()
     result = executor.evaluate(batch_size)
     dense = {"perplexity": result.perplexity, "windows": result.windows, "tokens": result.tokens,
@@ -157,9 +104,21 @@ def dense_baseline(study: optuna.Study, executor: Executor, batch_size: int) -> 
         picked = executor.evaluate(batch_size, windows=selection)
         dense.update(selection_perplexity=picked.perplexity, selection_kl=0.0,
                      selection_window_nll=[round(x, 4) for x in picked.window_nll])
-    meta["dense"] = dense
-    study.set_user_attr(STUDY_ATTR, meta)
+    study.set_user_attr(meta_attr("dense"), dense)
     return dense, True
+
+
+@dataclass
+class Opened:
+    """A study created or resumed, with the model and data it was made on."""
+
+    study: optuna.Study
+    config: RunConfig
+    loaded: LoadedModel
+    data: Dataset
+    candidates: list[pl.Pipeline]
+    resumed: bool
+    storage: optuna.storages.RDBStorage
 
 
 @dataclass
@@ -172,8 +131,6 @@ class Session:
     space: PipelineSpace | LevelSpace
     measure: Measure
     dense: dict
-    resumed: bool
-    dense_measured: bool
 
     @property
     def size(self) -> int | None:
@@ -186,7 +143,7 @@ class Session:
 
 def candidates_of(cfg: RunConfig, model=None) -> list[pl.Pipeline]:
     """The study's candidates (a dynamic study's levels); given the model, those that do the same to it as an
-    earlier one are left out (logged)."""
+    earlier one are left out (one line; -v lists them)."""
     candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids, cfg.grids)
     if not candidates:
         raise ConfigError("No candidate pipelines: --methods names no method; pass at least one.")
@@ -194,168 +151,139 @@ def candidates_of(cfg: RunConfig, model=None) -> list[pl.Pipeline]:
         return candidates
     candidates, dropped = pl.distinct(model, candidates)
     for same, kept in dropped:
-        log.info("%s does the same to this model as %s: searched once", same, kept)
+        log.debug("%s does the same to this model as %s: searched once", same, kept)
+    if dropped:
+        log.info("%d candidates do the same to this model as another one and are searched once (-vv lists them)",
+                 len(dropped))
     return candidates
 
 
-def open_session(cfg: RunConfig, progress: Progress = SILENT) -> Session:
-    """Load model and data, then create the study or resume it (refusing one made with other settings); a
-    dynamic study also opens its level database. `progress` hears about every long step."""
+def open_study(cfg: RunConfig) -> Opened:
+    """Load model and data, then create the study or resume it (refusing one made with other settings)."""
     candidates_of(cfg)  # bad methods or grids fail before a long model load
     check_storage(cfg.storage)  # likewise, and nothing is created yet
     loaded, data = load(cfg)
+    interrupt.checkpoint()
     candidates = candidates_of(cfg, loaded.model)
     storage = open_storage(cfg.storage)
     identity = study_identity(loaded, data, cfg, candidates)
     about = {"model": {**identity["model"], "source": loaded.source}, "data": data.info,
              "candidates": [str(c) for c in candidates]}
-    name = cfg.study_name or default_study_name(identity)
+    name = cfg.study_name or ident.default_name(identity)
     study, resumed = create_or_resume(storage, name, identity, about, cfg)
     what = f"{len(candidates)} levels per {cfg.granularity}" if cfg.dynamic else \
         f"{len(candidates)} candidates ({sum(c.is_hybrid for c in candidates)} hybrid)"
     log.info("%s study %r in %s: %s, target ratio %s", "resuming" if resumed else "new", name,
              safe_url(cfg.storage), what, cfg.target_ratio)
-    executor = Executor(loaded, data, cfg.seed, cfg.baseline_bits, progress=progress)
+    return Opened(study, cfg, loaded, data, candidates, resumed, storage)
+
+
+def start(opened: Opened, progress: Progress = SILENT) -> Session:
+    """Measure (or read) the dense baseline and build the search space; a dynamic study also opens its level
+    database and enqueues its baselines. `progress` hears about every long step."""
+    cfg, study, data = opened.config, opened.study, opened.data
+    interrupt.checkpoint()
+    executor = Executor(opened.loaded, data, cfg.seed, cfg.baseline_bits, progress=progress)
     dense, measured = dense_baseline(study, executor, cfg.batch_size)
     log.info("dense perplexity %.4f (%d windows; %s)", dense["perplexity"], dense["windows"],
              f"measured in {dense['seconds']:.1f} s" if measured else "read from the study")
     if cfg.dynamic:
-        space = profiles.level_space(cfg, executor, candidates, study)
+        space = profiles.level_space(cfg, executor, opened.candidates, study, opened.storage)
         measure = Measure(cfg.quality, data.selection, "selection_", dense)
         measure.prepare(executor)
     else:
-        space = PipelineSpace(candidates, pl.search_spaces(cfg.methods, cfg.grids))
+        space = PipelineSpace(opened.candidates, pl.search_spaces(cfg.methods, cfg.grids))
         measure = Measure("perplexity", data.windows, "", dense)
-    return Session(study, cfg, executor, space, measure, dense, resumed, measured)
+    return Session(study, cfg, executor, space, measure, dense)
 
 
-def run_trials(session: Session) -> str | None:
+def open_session(cfg: RunConfig, progress: Progress = SILENT) -> Session:
+    return start(open_study(cfg), progress)
+
+
+def run_trials(session: Session) -> None:
     """Run trials until the grid is done (here or by other workers) or the budget (--n_trials/--timeout) is
-    spent. Returns None, or "interrupted" (Ctrl-C) or "terminated" (SIGTERM): the trial running then is failed
-    with that reason and runs again when the study resumes. Trials left RUNNING by dead workers are failed by
-    the heartbeat and retried."""
+    spent; a dynamic study then measures its chosen profiles on the test windows. A signal takes effect at the
+    next checkpoint (interrupt.Interrupted): a trial running then is failed with that reason and runs again when
+    the study resumes. Trials left RUNNING by dead workers are failed and retried (liveness.fail_lost_trials)."""
     cfg, study = session.config, session.study
     ctx = Context(session.executor, cfg, session.space, session.measure, session.dense)
     strategy = STRATEGIES[cfg.strategy]
-    study.sampler = strategy.make(session.space, cfg.seed)
-    guard = _Signals()
-    optuna.storages.fail_stale_trials(study)  # trials a killed process left RUNNING: failed, then retried
-    _fail_orphans(study)
-    with guard:
+    sampler = Beating(strategy.make(session.space, cfg.seed))
+    study.sampler = sampler
+    try:
+        if isinstance(sampler.inner, CandidateSampler):
+            _run_grid(study, cfg, ctx, sampler.inner)
+        else:
+            _run_budget(study, cfg, ctx, None if cfg.timeout or strategy.exhaustive else 100)
+    finally:
+        sampler.end()
+    interrupt.checkpoint()
+    if cfg.dynamic:
+        profiles.finalize(study, session.space, session.executor, cfg.batch_size)
+
+
+def _guarded(ctx: Context, ran: list):
+    """The objective as Optuna calls it: `ran` collects its trials; a signal that took effect inside the trial
+    (at one of its checkpoints) is recorded on it before Optuna fails it."""
+    def guarded(trial: optuna.Trial):
+        ran.append(trial)
         try:
-            if isinstance(study.sampler, CandidateSampler):
-                _run_grid(study, cfg, guard, guard.wrap(lambda trial: objective(ctx, trial)))
-            else:
-                budget = cfg.n_trials or (None if cfg.timeout or strategy.exhaustive else 100)
-                study.optimize(guard.wrap(lambda trial: objective(ctx, trial)), n_trials=budget,
-                               timeout=cfg.timeout, catch=(TrialFailed,))
-            if cfg.dynamic:
-                guard.inside = True  # a signal now interrupts the final measurement; it resumes next time
-                profiles.finalize(study, session.space, session.executor, cfg.batch_size)
-        except KeyboardInterrupt as exc:
-            return "terminated" if isinstance(exc, Terminated) else "interrupted"
-    return None
+            interrupt.checkpoint()  # a signal while Optuna created this trial
+            return objective(ctx, trial)
+        except interrupt.Interrupted as stop:
+            record_signal(trial, stop)
+            raise
+    return guarded
 
 
-STORAGE_MODULES = ("sqlalchemy", "optuna.storages")  # code a signal never raises inside (see _Signals)
-RECHECK_S = 0.01
+def _optimize(study: optuna.Study, ctx: Context, ran: list, **kwargs) -> bool:
+    """study.optimize; True when it stopped on a trial another worker failed under this one (Optuna's tell
+    refuses a finished trial), which this worker drops, saying so in one line, and goes on."""
+    try:
+        study.optimize(_guarded(ctx, ran), catch=(TrialFailed, TrialLost), **kwargs)
+        return False
+    except ValueError as exc:
+        if not ran or not str(exc).startswith("Cannot tell") or \
+                study._storage.get_trial(ran[-1]._trial_id).state == TrialState.RUNNING:
+            raise
+        log.warning("%s", lost(ran[-1]))
+        return True
 
 
-class _Signals:
-    """Ctrl-C (SIGINT) and SIGTERM inside a trial raise there, so Optuna marks that trial FAIL with the reason
-    recorded (it runs again on resume); outside one they ask the loop to stop, and a trial Optuna was creating
-    then ends at its start with the same status, so no trial is left RUNNING or failed without a reason.
-
-    A signal that finds the main thread inside a storage call raises only once the call is over (looked at
-    again every RECHECK_S by a timer): raised inside SQLAlchemy (in a commit, or as a session closes) it could
-    leave a connection checked out with its transaction open, and with SQLite the file locked, so the writes of
-    the shutdown itself (the trial's FAIL and reason) would wait on a lock their own process holds."""
-
-    def __init__(self):
-        self.stop: type[KeyboardInterrupt] | None = None
-        self.inside = False
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-            self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_recheck)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum, frame):
-        self.stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        self._on_recheck(signum, frame)
-
-    def _on_recheck(self, _signum, frame):
-        if not self.inside or self.stop is None:
-            return  # outside a trial the loop stops at its next check
-        if _in_storage(frame):
-            signal.setitimer(signal.ITIMER_REAL, RECHECK_S)
-            return
-        raise self.stop
-
-    def wrap(self, fn):
-        def guarded(trial):
-            self.inside = True
-            try:
-                self.check()  # a signal while Optuna created this trial
-                return fn(trial)
-            except KeyboardInterrupt as exc:
-                record_signal(trial, exc)
-                raise
-            finally:
-                self.inside = False
-        return guarded
-
-    def check(self) -> None:
-        if self.stop is not None:
-            raise self.stop
-
-
-def _in_storage(frame) -> bool:
-    """Whether the main thread, stopped at frame, is inside a storage call."""
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(STORAGE_MODULES):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _run_grid(study: optuna.Study, cfg: RunConfig, guard: _Signals, guarded) -> None:
-    sampler: CandidateSampler = study.sampler
-    started, count = time.monotonic(), 0
-    while (cfg.n_trials is None or count < cfg.n_trials) and \
+def _run_grid(study: optuna.Study, cfg: RunConfig, ctx: Context, sampler: CandidateSampler) -> None:
+    started, ran = time.monotonic(), []
+    while (cfg.n_trials is None or len(ran) < cfg.n_trials) and \
             (cfg.timeout is None or time.monotonic() - started < cfg.timeout):
-        guard.check()
-        optuna.storages.fail_stale_trials(study)
-        _fail_orphans(study)
+        interrupt.checkpoint()
+        fail_lost_trials(study)
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials) or not sampler.is_done(study):
-            study.optimize(guarded, n_trials=1, catch=(TrialFailed,))
-            count += 1
+            _optimize(study, ctx, ran, n_trials=1)
         elif any(t.state == TrialState.RUNNING for t in trials):
-            time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for heartbeat
+            time.sleep(HEARTBEAT_S)  # another worker's trial, or one a dead process left: wait for it
         else:
             return
 
 
-def _fail_orphans(study: optuna.Study) -> None:
-    """A process killed while Optuna was still creating a trial leaves it RUNNING before its first heartbeat, so
-    the heartbeat never marks it stale. Such a trial has no parameters yet (they are the objective's first
-    act); once it is older than the grace period it is failed here, and its candidate goes back to the grid."""
-    now = datetime.datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not t.params and t.datetime_start and (now - t.datetime_start).total_seconds() > GRACE_S:
-            try:
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # finished meanwhile (another worker failed it, or it was alive after all)
+def _run_budget(study: optuna.Study, cfg: RunConfig, ctx: Context, default: int | None) -> None:
+    """An Optuna sampler to the budget (an exhaustive one until it stops the study itself); between trials,
+    lost trials are failed and a recorded signal stops the loop."""
+    def between(study, _trial):
+        fail_lost_trials(study)
+        if interrupt.pending():
+            study.stop()
+
+    started, ran = time.monotonic(), []
+    budget = cfg.n_trials or default
+    fail_lost_trials(study)
+    while True:
+        left = None if budget is None else budget - len(ran)
+        timeout = None if cfg.timeout is None else cfg.timeout - (time.monotonic() - started)
+        if (left is not None and left <= 0) or (timeout is not None and timeout <= 0):
+            return
+        if not _optimize(study, ctx, ran, n_trials=left, timeout=timeout, callbacks=[between]):
+            return  # the budget, the timeout, a signal, or an exhausted sampler ended it
 
 
 def open_records(storage_url: str, study_name: str) -> tuple[optuna.Study, rec.StudyRecords]:
@@ -378,8 +306,12 @@ def write_reports(study: optuna.Study, records: rec.StudyRecords, storage_url: s
     return paths
 
 
-def publish_note(session: Session) -> None:
+def records_of(study: optuna.Study, storage_url: str) -> rec.StudyRecords:
+    return rec.collect(study, storage_url)
+
+
+def publish(study: optuna.Study, records: rec.StudyRecords, storage_url: str) -> None:
     """Keep the dashboard's study note current (a worker's trials change it too)."""
     from compactmind import dashboard
 
-    dashboard.publish(session.study, session.records(), session.config.storage)
+    dashboard.publish(study, records, storage_url)

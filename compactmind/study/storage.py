@@ -1,14 +1,17 @@
 """The study storage: Optuna's RDB storage (SQLite by default, PostgreSQL/MySQL for many machines), opened with
 a heartbeat so a killed trial is failed and retried, URL checks that need no connection, and password masking.
 
-SQLite: writes wait for another process's lock under SQLite's busy timeout and are retried when SQLite refuses
-them at once (SQLiteStorage); processes opening one new file at the same moment take turns creating its tables.
+SQLite files are in WAL mode: readers (a dashboard, `compactmind report`) never block writers, and writers wait
+for each other under SQLite's busy timeout (SQLITE_BUSY_TIMEOUT_S); a write SQLite refuses at once as locked is
+retried (SQLiteStorage). The heartbeat's grace period is derived from that wait: a trial is stale only when no
+beat has landed for longer than one write can wait on a lock plus two beat intervals, so a worker held up by a
+lock is never taken for dead. `study_lock` lets one process at a time create and describe a study.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import logging
 import os
 import time
@@ -21,9 +24,19 @@ from compactmind.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5
-GRACE_S = 20
-SQLITE_BUSY_TIMEOUT_S = 30.0  # SQLite's own wait for another process's lock, per statement
+
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else default
+    except ValueError:
+        log.warning("$%s must be a number of seconds, got %r; using %s", name, value, default)
+        return default
+
+
+HEARTBEAT_S = _seconds("COMPACTMIND_HEARTBEAT_S", 5)  # a trial's beat interval
+SQLITE_BUSY_TIMEOUT_S = _seconds("COMPACTMIND_LOCK_WAIT_S", 30)  # SQLite's own wait for another writer's lock
+GRACE_S = SQLITE_BUSY_TIMEOUT_S + 2 * HEARTBEAT_S + 5  # no beat for this long: the trial's process is gone
 LOCKED_RETRIES = 8  # then ours: the whole write again, after 0.1, 0.2, 0.4 ... 12.8 s
 
 
@@ -166,19 +179,61 @@ class SQLiteStorage(optuna.storages.RDBStorage):
             log.warning("a heartbeat was not recorded (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
 
 
+def _file_lock(path: Path):
+    """The lock file beside an SQLite file: processes opening one new file at the same moment would race to
+    create its tables (one fails with "table ... already exists"), and two creating one study would describe
+    it twice."""
+    from filelock import FileLock
+
+    return FileLock(str(path.parent / f".{path.name}.lock"))
+
+
 @contextlib.contextmanager
 def _creation_lock(path: Path | None):
-    """Processes opening one new SQLite file at the same moment would race to create its tables (one fails
-    with "table ... already exists"): a lock file beside it lets one create them while the others wait."""
     if path is None:
         yield
         return
-    with open(path.parent / f".{path.name}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with _file_lock(path):
+        yield
+
+
+def _wal(path: Path) -> None:
+    """Put the SQLite file in WAL mode (a setting of the file itself, kept by every later connection)."""
+    import sqlite3
+
+    con = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, name: str):
+    """One process at a time between "does the study exist" and "it is described": the file lock beside an
+    SQLite file; a session-level advisory lock on PostgreSQL (GET_LOCK on MySQL), released when the block ends."""
+    from sqlalchemy import text
+
+    dialect = storage.engine.dialect.name
+    if dialect == "sqlite":
+        path = Path(storage.engine.url.database)
+        with _file_lock(path):
+            yield
+        return
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    key = int.from_bytes(hashlib.sha256(f"compactmind:{name}".encode()).digest()[:8], "big", signed=True)
+    with storage.engine.connect() as conn:
+        if dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        else:
+            conn.execute(text("SELECT GET_LOCK(:k, 600)"), {"k": f"compactmind:{key}"})
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            unlock = "SELECT pg_advisory_unlock(:k)" if dialect == "postgresql" else "SELECT RELEASE_LOCK(:k)"
+            conn.execute(text(unlock), {"k": key if dialect == "postgresql" else f"compactmind:{key}"})
 
 
 def open_storage(url: str, create: bool = True, readonly: bool = False) -> optuna.storages.RDBStorage:
@@ -197,6 +252,8 @@ def open_storage(url: str, create: bool = True, readonly: bool = False) -> optun
             heartbeat = {} if readonly else dict(
                 heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            if path is not None and writing:
+                _wal(path)
             return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **heartbeat)
     except Exception as exc:  # driver, network and schema errors all end here, as one sentence
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,163 @@
+"""Workers never fail each other's live trials, and no dead trial stays RUNNING: WAL mode, a grace period longer
+than one write can wait on a lock, staleness on the database's clock, a heartbeat from a trial's creation,
+orphans stamped, dead local processes failed at once, and a worker whose trial was failed under it goes on."""
+
+import datetime
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from compactmind.study import storage as S
+from compactmind.study.liveness import PROCESS_ATTR, HOST, fail_lost_trials
+
+from conftest import communicate
+
+
+@pytest.fixture()
+def study(tmp_path):
+    storage = S.open_storage(f"sqlite:///{tmp_path}/s.db")
+    return optuna.create_study(study_name="live", storage=storage)
+
+
+def _running(study, params=True, heartbeat_age_s=None, process=None):
+    """A RUNNING trial as another worker would leave it: maybe parameters, a heartbeat of some age, a process."""
+    storage = study._storage
+    trial_id = storage.create_new_trial(study._study_id)
+    if params:
+        storage.set_trial_param(trial_id, "x", 0.5, optuna.distributions.FloatDistribution(0, 1))
+    if process:
+        storage.set_trial_system_attr(trial_id, PROCESS_ATTR, process)
+    if heartbeat_age_s is not None:
+        storage.record_heartbeat(trial_id)
+        with sqlite3.connect(study._storage._backend.engine.url.database) as con:
+            con.execute("update trial_heartbeats set heartbeat = datetime(heartbeat, ?) where trial_id = ?",
+                        (f"-{heartbeat_age_s} seconds", trial_id))
+    return storage.get_trial(trial_id)
+
+
+def _state(study, trial):
+    return study._storage.get_trial(trial._trial_id).state
+
+
+def test_sqlite_studies_are_in_wal_mode_so_a_reader_never_blocks_a_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "SQLITE_BUSY_TIMEOUT_S", 0.5)
+    storage = S.open_storage(f"sqlite:///{tmp_path}/s.db")
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "wal")
+    reader = sqlite3.connect(tmp_path / "s.db")
+    assert reader.execute("pragma journal_mode").fetchone()[0] == "wal"
+    reader.execute("begin")
+    reader.execute("select count(*) from trials").fetchone()  # a dashboard or `report` in the middle of a read
+    started = time.monotonic()
+    storage.set_study_user_attr(study_id, "written", True)
+    assert time.monotonic() - started < 0.4  # no wait on the reader (journal mode: a wait, then locked)
+    reader.rollback()
+    reader.close()
+
+
+def test_a_heartbeat_held_up_by_a_lock_for_as_long_as_a_write_can_wait_is_not_stale(study):
+    held_up = _running(study, heartbeat_age_s=S.SQLITE_BUSY_TIMEOUT_S + S.HEARTBEAT_S)
+    gone = _running(study, heartbeat_age_s=S.GRACE_S + 5)
+    fail_lost_trials(study)
+    assert _state(study, held_up) == TrialState.RUNNING
+    assert _state(study, gone) == TrialState.FAIL
+
+
+def test_an_old_trial_without_parameters_but_with_a_fresh_heartbeat_is_left_alone(study, tmp_path):
+    slow_sampler = _running(study, params=False, heartbeat_age_s=0)  # a TPE or GP sample still being drawn
+    with sqlite3.connect(tmp_path / "s.db") as con:
+        old = (datetime.datetime.now() - datetime.timedelta(hours=1)).isoformat(" ")
+        con.execute("update trials set datetime_start = ? where trial_id = ?", (old, slow_sampler._trial_id))
+    fail_lost_trials(study)
+    assert _state(study, slow_sampler) == TrialState.RUNNING
+
+
+def test_a_trial_that_never_beat_gets_a_stamped_heartbeat_then_goes_stale_and_runs_again(study, tmp_path):
+    orphan = _running(study)  # a retry popped from WAITING whose worker died before its first beat
+    fail_lost_trials(study)
+    assert _state(study, orphan) == TrialState.RUNNING  # stamped, not failed: its owner may be alive
+    with sqlite3.connect(tmp_path / "s.db") as con:
+        assert con.execute("select count(*) from trial_heartbeats where trial_id = ?",
+                           (orphan._trial_id,)).fetchone()[0] == 1
+        con.execute("update trial_heartbeats set heartbeat = datetime(heartbeat, ?)", (f"-{S.GRACE_S + 5} seconds",))
+    fail_lost_trials(study)
+    assert _state(study, orphan) == TrialState.FAIL
+    retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert [t.state for t in retries] == [TrialState.WAITING]
+
+
+def test_a_trial_whose_process_on_this_machine_is_gone_is_failed_at_once(study):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = _running(study, heartbeat_age_s=0, process=f"{HOST}:{dead.stdout.strip()}:1")
+    alive = _running(study, heartbeat_age_s=0, process=f"{HOST}:{__import__('os').getpid()}:-")
+    elsewhere = _running(study, heartbeat_age_s=0, process="another-host:1:1")
+    fail_lost_trials(study)
+    assert _state(study, gone) == TrialState.FAIL
+    assert _state(study, alive) == TrialState.RUNNING and _state(study, elsewhere) == TrialState.RUNNING
+
+
+def test_a_worker_whose_trial_was_failed_under_it_says_so_and_goes_on(tiny_model_dir, text_file, tmp_path):
+    db = tmp_path / "s.db"
+    cmd = [sys.executable, "-m", "compactmind", "run", "--model_path", str(tiny_model_dir), "--data_path",
+           str(text_file), "--seq_len", "64", "--max_eval_windows", "40", "--data_samples", "1", "--target_ratio",
+           "0.0", "--methods", "fp16,bf16", "--no_hybrids", "--storage", f"sqlite:///{db}", "--study_name", "lost",
+           "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    failed, deadline = None, time.time() + 120
+    while failed is None and time.time() < deadline:  # another worker decides the first trial is stale
+        try:
+            storage = S.open_storage(f"sqlite:///{db}", create=False)
+            study = optuna.load_study(study_name="lost", storage=storage)
+            running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and t.params]
+            if running:
+                storage.set_trial_state_values(running[0]._trial_id, state=TrialState.FAIL)
+                failed = running[0].number
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.05)
+    out, err = communicate(proc, 300)
+    assert failed is not None and proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and f"trial {failed} was failed by another worker" in err
+    study = optuna.load_study(study_name="lost", storage=f"sqlite:///{db}")
+    done = sorted(t.user_attrs["pipeline"] for t in study.trials if t.state == TrialState.COMPLETE)
+    assert done == ["bf16", "fp16"]  # the lost configuration ran again
+
+
+def test_two_runs_creating_one_study_name_with_different_settings_never_both_proceed(tmp_path, monkeypatch):
+    from compactmind.config import RunConfig
+    from compactmind.errors import StorageError
+    from compactmind.study import session
+
+    storage = S.open_storage(f"sqlite:///{tmp_path}/s.db")
+    describe, first_inside = session._describe, threading.Event()
+
+    def slow_describe(*args):  # the first creator is slow to describe the study it made
+        first_inside.set()
+        time.sleep(0.5)
+        describe(*args)
+
+    monkeypatch.setattr(session, "_describe", slow_describe)
+    outcome = {}
+
+    def create(key, target):
+        cfg = RunConfig(target_ratio=target, storage=f"sqlite:///{tmp_path}/s.db")
+        try:
+            session.create_or_resume(storage, "race", {"target_ratio": target}, {}, cfg)
+            outcome[key] = "proceeds"
+        except StorageError as exc:
+            outcome[key] = str(exc)
+
+    first = threading.Thread(target=create, args=("first", 0.5))
+    first.start()
+    first_inside.wait(10)
+    second = threading.Thread(target=create, args=("second", 0.7))
+    second.start()
+    first.join()
+    second.join()
+    assert outcome["first"] == "proceeds"
+    assert "target_ratio (the study: 0.5; this run: 0.7)" in outcome["second"]
