@@ -36,7 +36,6 @@ OBJECTIVES = {
     "selection_perplexity": "minimize",
     "selection_kl": "minimize",  # mean KL divergence from the dense model's next-token distributions
 }
-DEFAULT_OBJECTIVES = ("perplexity", "compression_ratio")
 # The quality objective of a study: what `best` minimises among feasible trials (test perplexity for a static
 # study; the fitness on selection windows for a dynamic one, whose chosen trials are then measured on the test).
 QUALITY = {"ppl": "selection_perplexity", "kl": "selection_kl"}

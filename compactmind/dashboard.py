@@ -12,22 +12,16 @@ from pathlib import Path
 
 import optuna
 
+from compactmind import interrupt
 from compactmind.errors import ConfigError
 from compactmind.study.records import StudyRecords
-from compactmind.study.storage import safe_url
+from compactmind.study.storage import beside, safe_url
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARTIFACTS = "storage/artifacts"
-
-
 def artifact_dir(storage_url: str, override: str | None = None) -> Path:
     """Where a study's artifacts live: beside its SQLite file, or storage/artifacts for server databases."""
-    if override:
-        return Path(override)
-    if storage_url.startswith("sqlite:///"):
-        return Path(storage_url[len("sqlite:///"):]).parent / "artifacts"
-    return Path(DEFAULT_ARTIFACTS)
+    return Path(override) if override else beside(storage_url, "artifacts")
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -145,7 +139,10 @@ def serve(storage, storage_url: str, host: str, port: int, artifacts: str | None
         raise ConfigError(f"Cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port.") from None
     mode = " (read-only)" if read_only_mode else ""
     print(f"optuna-dashboard{mode} on {safe_url(storage_url)}: http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    server.timeout = 0.5  # between requests, and at least this often, a signal takes effect
     try:
-        server.serve_forever()
+        while True:
+            server.handle_request()
+            interrupt.checkpoint()
     finally:
         server.server_close()

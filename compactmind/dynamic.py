@@ -42,8 +42,9 @@ from compactmind import pipeline as pl
 from compactmind.errors import ConfigError
 from compactmind.files import atomic_folder
 from compactmind.footprint import Footprint, Reference, parameters
+from compactmind.packing import pack_tensor
 from compactmind.formats import Entry, QuantParams, Sparsity, TensorFormat, entry, record, stored_bytes
-from compactmind.models import block_linears, decoder_layers
+from compactmind.models import block_linears, blocks_prefix, decoder_layers
 from compactmind.registry import get_method
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ class Unit:
 
 
 def units_of(model: nn.Module, granularity: str) -> list[Unit]:
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
+    layers, prefix = decoder_layers(model), blocks_prefix(model)
     if granularity == "block":
         return [Unit(f"block.{i}", f"{prefix}.{i}", i) for i in range(len(layers))]
     units = []
@@ -134,8 +134,6 @@ class _Tensors:
 
 def _pack_params(named, baseline_bits: int) -> tuple[dict, dict]:
     """(manifest, stored tensors) of (name, module, parameter name) triples, with their ledger entries."""
-    from compactmind.export import pack_tensor
-
     manifest, tensors = {}, {}
     for name, module, pname in named:
         spec, out = pack_tensor(name, module, pname, baseline_bits)

@@ -35,11 +35,6 @@ class Perplexity:
     window_nll: tuple[float, ...] = ()  # summed NLL of each evaluated window, in order
 
 
-def running_perplexity(window_nll, seq_len: int) -> list[float]:
-    """Perplexity over the first k windows of a recorded `window_nll`, for k = 1, 2, ..."""
-    return [math.exp(min(mean, 700.0)) for mean in running_mean(window_nll, seq_len)]
-
-
 def _split_model(model: nn.Module):
     head = model.get_output_embeddings()
     if getattr(model.config, "model_type", None) in _PLAIN_HEAD and isinstance(head, nn.Linear) \

@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 LEDGER = "_cm_ledger"
+FLOAT_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_FLOATS_BY_BITS = {16: (torch.float16, torch.bfloat16), 32: (torch.float32,),
+                   None: (torch.float16, torch.bfloat16, torch.float32)}
 SCALE_BYTES = 2  # FP16 scales
 GROUP_INDEX_BYTES = 4  # int32
 
@@ -97,6 +100,15 @@ def on_cast_grid(module: nn.Module, param: str, value: torch.Tensor) -> torch.Te
     SparseGPT's OBS updates, must not leave it between the values the format can store)."""
     cast = get_format(module, param).cast
     return value.to(getattr(torch, cast)).to(value.dtype) if cast else value
+
+
+def exact_float_dtype(t: torch.Tensor, bits: int | None = None) -> torch.dtype | None:
+    """The narrowest float type (of `bits` bits, or any) that holds every value of `t` exactly; None: none does."""
+    values = t.detach().float()
+    for dtype in _FLOATS_BY_BITS[bits]:
+        if torch.equal(values.to(dtype).float(), values):
+            return dtype
+    return None
 
 
 def is_sparse(module: nn.Module, param: str = "weight") -> bool:

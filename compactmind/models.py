@@ -261,10 +261,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "with a list of blocks are supported.")
 
 
+def blocks_prefix(model: nn.Module) -> str:
+    """The qualified name of the list of transformer blocks ("model.layers" for Llama)."""
+    layers = decoder_layers(model)
+    return next(name for name, m in model.named_modules() if m is layers)
+
+
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every nn.Linear inside the transformer blocks, with qualified names (the layers methods compress)."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
+    layers, prefix = decoder_layers(model), blocks_prefix(model)
     return [(f"{prefix}.{i}.{name}", m) for i, layer in enumerate(layers)
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
@@ -316,10 +321,6 @@ class Snapshot:
             if free < 2 * need:  # leave room for activations and one block's calibration state
                 return torch.device("cpu")
         return device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for _, c in self._tensors)
 
     @torch.no_grad()
     def restore(self, tensors: bool = True) -> None:

@@ -182,5 +182,6 @@ def apply_(model, pipeline: Pipeline, calib: Calibration | None, seed: int) -> f
         if calib is not None:
             calib.model_is_dense = i == 0
             calib.step = str(step)
-        get_method(step.method).apply_(model, step.params, calib, seed + i)
+        method = get_method(step.method)
+        method.apply_(model, step.params, calib if method.needs_calibration else None, seed + i)
     return time.perf_counter() - start

@@ -36,7 +36,7 @@ class Method:
     kind: ClassVar[Kind]
     Params: ClassVar[type]
     space: ClassVar[dict[str, Spec]]
-    needs_calibration: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False  # apply_ gets the calibration samples only when True
     # Parameters that leave the model unchanged, if the method has such a setting.
     identity: ClassVar[Any] = None
     # Bumped whenever what the method makes of a model changes (how it rounds, what it keeps, a default): a

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compactmind import interrupt
 from compactmind.files import atomic_write
-from compactmind.study.records import StudyRecords, TrialRecord
+from compactmind.study.records import StudyRecords, TrialRecord, TrialStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def series(records: StudyRecords) -> list[Series]:
     own = [t for t in records.trials if "duplicate_of" not in t.attrs]
     done = [t for t in own if t.state == "COMPLETE" and t.get(q) is not None]
     kept = [t for t in done if t.feasible is not False]
-    baseline = {k: [t for t in kept if t.get("baseline") == k] for k in ("uniform", "owl")}
-    searched = [t for t in kept if not t.get("baseline")]
+    baseline = {k: [t for t in kept if t.baseline == k] for k in ("uniform", "owl")}
+    searched = [t for t in kept if not t.baseline]
     out = [Series("searched profile" if records.dynamic else "single method",
                   [t for t in searched if not t.get("hybrid")], "tab:blue", "o"),
            Series("hybrid (two steps)", [t for t in searched if t.get("hybrid")], "tab:red", "^"),
@@ -105,7 +105,7 @@ def series(records: StudyRecords) -> list[Series]:
                                                      and t.get(f"partial_{q}") is not None],
                   "gray", "v", hollow=True, y=f"partial_{q}"),
            Series("below the target ratio (not evaluated; at the bottom)",
-                  [t for t in own if t.status == "infeasible"], "gray", "x", floor=True)]
+                  [t for t in own if t.status == TrialStatus.INFEASIBLE.value], "gray", "x", floor=True)]
     return [s for s in out if s.points]
 
 
@@ -265,7 +265,7 @@ def plot_profiles(records: StudyRecords) -> bytes | None:
                            dpi=200)
     image = ax.imshow([t.get("profile") for t in rows], aspect="auto", cmap="viridis", vmin=0,
                       vmax=max(1, len(levels) - 1))
-    ax.set_yticks(range(len(rows)), [f"#{t.number} {t.get('baseline') or ''} ppl {t.get('perplexity'):.4g}"
+    ax.set_yticks(range(len(rows)), [f"#{t.number} {t.baseline or ''} ppl {t.get('perplexity'):.4g}"
                                      for t in rows], fontsize=7)
     ax.set_xlabel("unit (block order)")
     ax.set_title(f"{records.study}: level per unit (0 = least compressed); test perplexity", fontsize=9)

@@ -104,7 +104,7 @@ def overhead(model, best_rate: float, full_tokens: int) -> None:
     print("\n2. per-trial overhead")
     print(f"restore {statistics.median(restores):.3f} s + RTN W4 g128 {statistics.median(rtns):.3f} s = {cost:.3f} s; "
           f"a full evaluation ({full_tokens} tokens at {best_rate:.0f} tokens/s) {full_eval:.0f} s -> overhead "
-          f"{100 * cost / full_eval:.2f}% (goal <= 3%); snapshot {snap.nbytes / 2**20:.0f} MiB on {snap._store_device}")
+          f"{100 * cost / full_eval:.2f}% (goal <= 3%); snapshot {sum(c.numel() * c.element_size() for _, c in snap._tensors) / 2**20:.0f} MiB on {snap._store_device}")
 
 
 def grid_slice(loaded, ds, args, device) -> None:

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from compactmind import export, packed
+from compactmind import deploy, packed
+from compactmind.deploy import compressed_tensors, dense, packed_folder
+from compactmind.packing import folder_bytes
 from compactmind import pipeline as pl
 from compactmind.calibration import Calibration
 from compactmind.cli import main
@@ -37,10 +39,10 @@ def test_packed_folder_unpacks_to_the_evaluated_model(text, tmp_path):
     pl.apply_(model, pl.parse(text), Calibration(torch.randint(0, 320, (3, 40))), 0)
     fp = measure(model, reference)
     expected = logits(model)
-    export.write(model, None, tmp_path / "out", {"pipeline": text})
+    packed_folder.write(model, None, tmp_path / "out", {"pipeline": text})
     back = packed.load(tmp_path / "out")
     assert torch.equal(logits(back), expected)  # bit for bit: codes, scales, masks and shapes round-trip
-    on_disk = export.folder_bytes(tmp_path / "out")
+    on_disk = folder_bytes(tmp_path / "out")
     # The file holds what the accounting counts (plus the safetensors header and bitmap padding).
     assert on_disk <= fp.model_bytes * 1.02 + 16_384, (on_disk, fp.model_bytes)
     assert on_disk >= fp.model_bytes * 0.98
@@ -73,7 +75,7 @@ def test_cli_export_of_the_best_trial_loads_with_transformers_and_gives_its_perp
     assert manifest["verified_perplexity"] == pytest.approx(best["perplexity"], rel=1e-5)
     assert f"trial {best['number']}" in printed
     dense = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()) * 4
-    assert export.folder_bytes(tmp_path / "m") < (1 - 0.7) * dense * 1.05  # really smaller, about as recorded
+    assert folder_bytes(tmp_path / "m") < (1 - 0.7) * dense * 1.05  # really smaller, about as recorded
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert torch.equal(logits(model), logits(packed.load(tmp_path / "m")))
@@ -113,12 +115,11 @@ def _hf(folder):
                                   "gptq(bits=4, group_size=32)", "awq(bits=4, group_size=32)",
                                   "rtn(bits=8, group_size=32)", "fp16 -> rtn(bits=2, group_size=32)"])
 def test_compressed_tensors_folder_loads_in_transformers_with_the_evaluated_logits(text, tmp_path):
-    from compactmind import deploy
 
     model = tiny_model()
     pl.apply_(model, pl.parse(text), Calibration(torch.randint(0, 320, (3, 40))), 0)
     expected = logits(model)
-    deploy.write_compressed_tensors(model, None, tmp_path / "ct", {"pipeline": text})
+    compressed_tensors.write(model, None, tmp_path / "ct", {"pipeline": text})
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert "_name_or_path" not in config and "auto_map" not in config
@@ -128,12 +129,11 @@ def test_compressed_tensors_folder_loads_in_transformers_with_the_evaluated_logi
 
 
 def test_compressed_tensors_w8a8_within_its_stated_tolerance(tmp_path):
-    from compactmind import deploy
 
     model = tiny_model()
     pl.apply_(model, pl.parse("int8_sq(alpha=0.5)"), Calibration(torch.randint(0, 320, (3, 40))), 0)
     expected = logits(model)
-    deploy.write_compressed_tensors(model, None, tmp_path / "ct", {})
+    compressed_tensors.write(model, None, tmp_path / "ct", {})
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "int-quantized" and config["config_groups"]["group_0"]["input_activations"][
         "strategy"] == "token"
@@ -142,12 +142,11 @@ def test_compressed_tensors_w8a8_within_its_stated_tolerance(tmp_path):
 
 
 def test_dense_checkpoint_is_plain_fp16(tmp_path):
-    from compactmind import deploy
 
     model = tiny_model()
     pl.apply_(model, pl.parse("magnitude(sparsity=0.5) -> fp16"), None, 0)
     expected = logits(model)
-    deploy.write_dense(model, None, tmp_path / "d", {})
+    dense.write(model, None, tmp_path / "d", {})
     back = _hf(tmp_path / "d")
     assert torch.equal(logits(back), expected)  # FP16 values: exact in FP16
     assert (back.model.layers[0].mlp.up_proj.weight == 0).float().mean() >= 0.5
@@ -159,10 +158,9 @@ def test_dense_checkpoint_is_plain_fp16(tmp_path):
     (["magnitude", "rtn"], "compressed-tensors", "cannot hold magnitude"),
 ])
 def test_formats_refuse_what_they_cannot_hold_by_name(methods, fmt, reason):
-    from compactmind import deploy
 
-    assert reason in deploy.refusal([methods], fmt)
-    assert deploy.refusal([methods], "packed") is None
+    assert reason in deploy.get(fmt).impl().refusal([methods])
+    assert deploy.get("packed").impl().refusal([methods]) is None
 
 
 def test_cli_export_in_compressed_tensors_reloads_with_the_trials_perplexity(tiny_model_dir, text_file, tmp_path,
@@ -210,7 +208,7 @@ def test_the_exported_tensors_take_exactly_the_recorded_bytes(text, tmp_path):
     pl.apply_(model, pl.parse(text), Calibration(torch.randint(0, 320, (3, 40), generator=torch.Generator()
                                                                .manual_seed(1))), 0)
     recorded = measure(model, reference).model_bytes
-    manifest = export.write(model, None, tmp_path / "out", {"pipeline": text})
+    manifest = packed_folder.write(model, None, tmp_path / "out", {"pipeline": text})
     assert manifest["stored_tensor_bytes"] == recorded  # to the byte: one layout serves both
     from safetensors import safe_open
 

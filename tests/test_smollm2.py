@@ -76,7 +76,9 @@ def test_published_orderings_hold_on_smollm2(smollm2):
 
 
 def test_export_of_smollm2_is_smaller_on_disk_and_gives_the_same_perplexity(smollm2, tmp_path):
-    from compactmind import export, packed
+    from compactmind import packed
+    from compactmind.deploy import packed_folder
+    from compactmind.packing import folder_bytes
     from compactmind import pipeline as pl
     from compactmind.footprint import Reference, measure
 
@@ -88,10 +90,10 @@ def test_export_of_smollm2_is_smaller_on_disk_and_gives_the_same_perplexity(smol
         pl.apply_(smollm2.model, pl.parse("magnitude(sparsity=0.2) -> rtn(bits=4, group_size=64)"), None, 0)
         fp = measure(smollm2.model, reference)
         ppl = perplexity(smollm2.model, ds.windows, batch_size=2).perplexity
-        export.write(smollm2.model, smollm2.tokenizer, tmp_path / "m", {"pipeline": "test"})
+        packed_folder.write(smollm2.model, smollm2.tokenizer, tmp_path / "m", {"pipeline": "test"})
     finally:
         snap.restore()
-    on_disk = export.folder_bytes(tmp_path / "m")
+    on_disk = folder_bytes(tmp_path / "m")
     assert abs(on_disk - fp.model_bytes) < 0.02 * fp.model_bytes  # the file is what the accounting counts
     assert on_disk < 0.3 * reference.dense_bytes
     back = packed.load(tmp_path / "m")

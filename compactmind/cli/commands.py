@@ -169,13 +169,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from compactmind.export import export_trial
+    from compactmind.study.export import ExportMismatch, export_trial
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"The export folder {out} already exists and is not empty; pass a new --out.")
     _writable_dir(str(out))
-    from compactmind.export import ExportMismatch
 
     try:
         lines = export_trial(config_of(args), args.trial, out, args.verify, args.format)

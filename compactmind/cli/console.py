@@ -122,8 +122,10 @@ def unfinished(records: StudyRecords, size: int | None) -> str | None:
     budget)."""
     if not size:
         return None
+    from compactmind.study.records import FAILED_OF_ITSELF, TrialStatus
+
     done = sum(1 for t in records.trials if "duplicate_of" not in t.attrs and (
-        t.state in ("COMPLETE", "PRUNED") and t.status != "spare" or t.status in ("failed", "out_of_memory")))
+        t.state in ("COMPLETE", "PRUNED") and t.status != TrialStatus.SPARE.value or t.status in FAILED_OF_ITSELF))
     return f"{done} of {size} configurations done" if done < size else None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from compactmind.deploy import FORMATS
 from compactmind.config import STORAGE_ENV, RunConfig, default_storage, load_study_file
 
 
@@ -136,10 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--trial", default="best", help="'best' (the best feasible trial) or a trial number")
     exp.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
     _device_flags(exp)
-    exp.add_argument("--format", default="packed", choices=("packed", "compressed-tensors", "dense"),
-                     help="packed (default: compactmind's bit-packed folder, loads with trust_remote_code), "
-                          "compressed-tensors (vLLM and transformers load it as it is) or dense (a plain FP16 "
-                          "checkpoint for any tool)")
+    exp.add_argument("--format", default="packed", choices=tuple(FORMATS),
+                     help="; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()) + " (default packed)")
     exp.add_argument("--verify", action="store_true",
                      help="load the written folder back and re-measure its perplexity on the study's windows")
     return parser

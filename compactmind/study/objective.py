@@ -27,8 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from compactmind import interrupt
 from compactmind.config import RunConfig
 from compactmind.errors import CompactMindError
-from compactmind.study.records import TrialStatus
-from compactmind.study.sampler import SPARE_ATTR
+from compactmind.study.records import BASELINE_ATTR, SPARE_ATTR, TrialStatus, is_feasible
 from compactmind.study.storage import GRACE_S, StorageTrouble
 from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
 from compactmind.trial import Compressed, Executor, peak_memory, reset_peak_memory
@@ -73,10 +72,6 @@ def set_constraint(trial: optuna.Trial, key: str, value: float) -> None:
     values += [0.0] * (len(CONSTRAINTS) - len(values))
     values[CONSTRAINTS.index(key)] = value
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", values)
-
-
-def feasible(t: FrozenTrial) -> bool:
-    return all(v <= 0 for v in t.constraints.values())
 
 
 class Stopped(optuna.TrialPruned):
@@ -189,7 +184,7 @@ def _check_ratio(run: TrialRun, compressed: Compressed) -> None:
 
 def _evaluate(run: TrialRun, compressed: Compressed) -> tuple[float, ...]:
     ctx, cfg, measure = run.ctx, run.ctx.config, run.ctx.measure
-    baseline = run.trial.user_attrs.get("baseline")  # uniform and OWL are measured in full: what a study beats
+    baseline = run.trial.user_attrs.get(BASELINE_ATTR)  # the baselines are measured in full: what a study beats
     stop = EarlyStop(ctx, run.trial.study, compressed.footprint.compression_ratio) \
         if cfg.early_stop and not baseline else None
     device = ctx.executor.loaded.device
@@ -235,7 +230,7 @@ class EarlyStop:
                         self.measure.curve(t.user_attrs[losses]) if t.user_attrs.get(losses) else None)
                        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                        if name in t.user_attrs and t.user_attrs.get("compression_ratio", -1) >= ratio - self.slack
-                       and feasible(t)]
+                       and is_feasible(t.constraints)]
 
     def __call__(self, running: float, done: int) -> str | None:
         cfg, name, dense = self.cfg, self.measure.objective, self.measure.dense_curve
@@ -253,7 +248,7 @@ class EarlyStop:
 
 def _replay(run: TrialRun, earlier: FrozenTrial) -> tuple[float, ...]:
     """A sampler proposed a configuration already measured in this study: reuse its figures."""
-    own = ("baseline", "worker")  # the earlier trial's role and process are its own, not this trial's
+    own = (BASELINE_ATTR, "worker")  # the earlier trial's role and process are its own, not this trial's
     run.record(**{k: v for k, v in earlier.user_attrs.items() if k not in own}, duplicate_of=earlier.number)
     for key in CONSTRAINTS:
         if key in earlier.constraints:

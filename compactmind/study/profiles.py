@@ -19,9 +19,10 @@ from compactmind import interrupt
 from compactmind import pipeline as pl
 from compactmind.config import RunConfig
 from compactmind.dynamic import LevelDB, open_db, outlier_ratios, owl_profile
-from compactmind.study.records import TEST_ATTR, holds_configuration, meta_attr, quality_of
+from compactmind.study.records import (BASELINE_ATTR, TEST_ATTR, baseline_of, best_trial, holds_configuration,
+                                       meta_attr, quality_of)
 from compactmind.study.spaces import LevelSpace, Measure
-from compactmind.study.storage import sqlite_path, study_lock
+from compactmind.study.storage import beside, study_lock
 from compactmind.trial import Executor
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,7 @@ BASELINES = ("uniform", "owl")
 
 def levels_root(cfg: RunConfig) -> Path:
     """Where level databases live: --levels_dir, else beside the SQLite file, else storage/levels."""
-    if cfg.levels_dir:
-        return Path(cfg.levels_dir)
-    path = sqlite_path(cfg.storage)
-    return (path.parent if path is not None else Path("storage")) / "levels"
+    return Path(cfg.levels_dir) if cfg.levels_dir else beside(cfg.storage, "levels")
 
 
 def open_levels(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline]) -> LevelDB:
@@ -65,7 +63,7 @@ def level_space(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline], s
 def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executor) -> None:
     """Enqueue the baselines the study does not hold yet: one that ended FAIL (terminated, interrupted; a killed
     one has a WAITING retry) is not held, and runs again."""
-    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
+    present = {baseline_of(t) for t in study.get_trials(deepcopy=False)
                if holds_configuration(t.state, t.user_attrs.get("status"))}
     if set(BASELINES) <= present:
         return
@@ -77,7 +75,7 @@ def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executo
     owl = owl_profile(space.db, outlier_ratios(executor.model, executor.data.calib, space.db.units), space.feasible)
     for kind, profile in (("uniform", uniform), ("owl", owl)):
         if kind not in present and profile is not None:
-            study.enqueue_trial(dict(zip(space.names, profile.levels)), user_attrs={"baseline": kind})
+            study.enqueue_trial(dict(zip(space.names, profile.levels)), user_attrs={BASELINE_ATTR: kind})
 
 
 def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_size: int) -> list[int]:
@@ -93,20 +91,18 @@ def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_s
         result = test.score(executor, batch_size)
         study.set_user_attr(f"{TEST_ATTR}{t.number}", test.attrs(result))
         log.info("trial %d on the test windows: perplexity %.4f (ratio %.4f, %s)", t.number, result.value,
-                 compressed.footprint.compression_ratio, t.user_attrs.get("baseline") or "searched")
+                 compressed.footprint.compression_ratio, baseline_of(t) or "searched")
         done.append(t.number)
     return done
 
 
 def chosen(study: optuna.Study, space: LevelSpace) -> list[optuna.trial.FrozenTrial]:
     """The trials a dynamic study reports on the test windows: its baselines, its best, its Pareto front."""
-    quality = quality_of(study)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if all(n in t.params for n in space.names) and "duplicate_of" not in t.user_attrs]
-    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
-    picks = {t.number: t for t in complete if t.user_attrs.get("baseline") in BASELINES}
-    if feasible:
-        best = min(feasible, key=lambda t: t.user_attrs[quality])
+    picks = {t.number: t for t in complete if baseline_of(t) in BASELINES}
+    best = best_trial(complete, quality_of(study))
+    if best is not None:
         picks[best.number] = best
         picks.update({t.number: t for t in study.best_trials if "duplicate_of" not in t.user_attrs})
     return [picks[n] for n in sorted(picks)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,45 @@ def holds_configuration(state: TrialState, status: str | None) -> bool:
     """Whether a trial has its configuration done (or in hand): any trial but a failed one, unless it failed of
     itself; a killed, interrupted, terminated or lost one holds nothing, and its configuration runs again."""
     return state != TrialState.FAIL or status in FAILED_OF_ITSELF
+
+
+# ---- the rules every reader of a study shares, each decided here once -----------------------------------------
+
+BASELINE_ATTR = "baseline"  # a dynamic study's reference profile ("uniform", "owl", ...): measured in full, reported
+SPARE_ATTR = "compactmind:spare"  # system attribute of a grid trial that found every candidate taken elsewhere
+
+
+def baseline_of(t: FrozenTrial) -> str | None:
+    return t.user_attrs.get(BASELINE_ATTR)
+
+
+def is_spare(t: FrozenTrial) -> bool:
+    return bool(t.system_attrs.get(SPARE_ATTR)) or t.user_attrs.get("status") == TrialStatus.SPARE.value
+
+
+def is_feasible(constraints: dict[str, float]) -> bool:
+    """Every recorded constraint met (<= 0, Optuna's convention): ratio >= target, quality within its cap."""
+    return all(v <= 0 for v in constraints.values())
+
+
+def better(quality: str) -> Callable[[float, float], bool]:
+    """better(a, b): whether quality value a beats b, by the objective's direction (config.OBJECTIVES)."""
+    from compactmind.config import OBJECTIVES
+
+    return (lambda a, b: a > b) if OBJECTIVES[quality] == "maximize" else (lambda a, b: a < b)
+
+
+def best_trial(trials, quality: str) -> FrozenTrial | None:
+    """The study's best: the COMPLETE, feasible trial (not a copy of another) with the best quality objective;
+    the earliest such trial on a tie."""
+    beats = better(quality)
+    best = None
+    for t in trials:
+        value = t.user_attrs.get(quality)
+        if t.state == TrialState.COMPLETE and value is not None and is_feasible(t.constraints) \
+                and "duplicate_of" not in t.user_attrs and (best is None or beats(value, best.user_attrs[quality])):
+            best = t
+    return best
 
 
 # What a study records about itself, one user attribute per part, each written once by the step that owns it
@@ -102,6 +142,11 @@ class TrialRecord:
         return self.get("perplexity")
 
     @property
+    def baseline(self) -> str | None:
+        """A dynamic study's reference profile this trial measured ("uniform", "owl", ...), or None."""
+        return self.attrs.get(BASELINE_ATTR)
+
+    @property
     def compression_ratio(self) -> float | None:
         return self.get("compression_ratio")
 
@@ -123,7 +168,7 @@ class TrialRecord:
         return cls(
             number=t.number, state=t.state.name,
             values=dict(zip(objectives, t.values)) if t.values else {},
-            feasible=all(v <= 0 for v in t.constraints.values()) if t.constraints else None,
+            feasible=is_feasible(t.constraints) if t.constraints else None,
             params=dict(t.params), attrs={**_killed(t), **t.user_attrs, **(extra or {})},
             started=t.datetime_start.isoformat() if t.datetime_start else None,
             finished=t.datetime_complete.isoformat() if t.datetime_complete else None,
@@ -134,7 +179,7 @@ class TrialRecord:
 def _killed(t: FrozenTrial) -> dict:
     """A failed trial that recorded no status: its process died without a word, and the heartbeat failed it."""
     if t.state == TrialState.FAIL and "status" not in t.user_attrs:
-        return {"status": "killed", "reason": "its process stopped without recording why (kill -9, a lost machine); "
+        return {"status": TrialStatus.KILLED.value, "reason": "its process stopped without recording why (kill -9, a lost machine); "
                                               "the storage heartbeat failed it and the study retries it"}
     return {}
 
@@ -151,7 +196,7 @@ class StudyRecords:
     protocol: dict | None
     dense: dict | None
     trials: list[TrialRecord]
-    best: TrialRecord | None  # the feasible trial with the lowest quality objective
+    best: TrialRecord | None  # the feasible trial with the best quality objective (best_trial)
     pareto_front: list[TrialRecord]  # over every objective, sorted by compression ratio
     counts: dict[str, int] = field(default_factory=dict)
     dynamic: dict | None = None  # levels, units and the rest setting of a dynamic study
@@ -212,11 +257,10 @@ def collect(study: optuna.Study, storage_url: str) -> StudyRecords:
 
     trials = [record(t) for t in frozen]
     target = identity.get("target_ratio", 0.0)
+    best = best_trial(frozen, quality)
     front = study.best_trials if any(t.state == TrialState.COMPLETE for t in frozen) else []
     pareto = sorted((record(t) for t in front if "duplicate_of" not in t.user_attrs),
                     key=lambda r: r.compression_ratio)
-    feasible = [r for r in trials if r.state == "COMPLETE" and r.feasible is not False
-                and r.compression_ratio >= target]
     dynamic = {k: meta[k] for k in ("levels", "level_ratios", "level_seconds", "units", "rest_from")
                if k in meta} or None
     return StudyRecords(
@@ -224,5 +268,5 @@ def collect(study: optuna.Study, storage_url: str) -> StudyRecords:
         objectives={n: d.name.lower() for n, d in zip(names, study.directions)}, quality=quality,
         target_ratio=target, model=about.get("model"), data=about.get("data"),
         protocol=identity.get("protocol"), dense=meta.get("dense"), trials=trials,
-        best=min(feasible, key=lambda r: r.get(quality)) if feasible else None, pareto_front=pareto,
+        best=next(r for r in trials if r.number == best.number) if best is not None else None, pareto_front=pareto,
         counts={s.name: sum(1 for r in trials if r.state == s.name) for s in TrialState}, dynamic=dynamic)

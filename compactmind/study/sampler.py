@@ -20,9 +20,9 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from compactmind import pipeline as pl
+from compactmind.study.records import SPARE_ATTR, best_trial, holds_configuration, is_spare
 
 CANDIDATE_ATTR = "compactmind:candidate"
-SPARE_ATTR = "compactmind:spare"  # a grid trial that found every candidate taken by other workers
 
 
 class CandidateSampler(BaseSampler):
@@ -43,9 +43,7 @@ class CandidateSampler(BaseSampler):
         """The candidate this trial holds: done, running, queued, or failed by an error of its own (re-running it
         would fail again). A trial killed, interrupted or terminated holds nothing: its retry (or the next run)
         does the candidate again."""
-        if t.state == TrialState.FAIL and t.user_attrs.get("status") not in ("failed", "out_of_memory"):
-            return None
-        return self.label_of(t)
+        return self.label_of(t) if holds_configuration(t.state, t.user_attrs.get("status")) else None
 
     def taken(self, study: optuna.Study, exclude: int | None = None) -> set[str]:
         return {label for t in study.get_trials(deepcopy=False)
@@ -119,7 +117,7 @@ class EvoPressSampler(BaseSampler):
         if parent is None:
             return {}
         seen = {tuple(t.params.get(n) for n in self.names) for t in trials  # a yield or a kill: proposed again
-                if t.state != TrialState.FAIL and t.user_attrs.get("status") != "spare"}
+                if t.state != TrialState.FAIL and not is_spare(t)}
         rng = random.Random(self.seed * 1_000_003 + trial.number)
         child = parent
         for _ in range(64):
@@ -133,13 +131,8 @@ class EvoPressSampler(BaseSampler):
         return uniform.levels[self.names.index(param_name)] if uniform is not None else 0
 
     def _parent(self, trials: list[FrozenTrial]) -> tuple[int, ...] | None:
-        quality = self.space.quality
-        done = [t for t in trials if t.state == TrialState.COMPLETE and quality in t.user_attrs
-                and all(n in t.params for n in self.names) and all(v <= 0 for v in t.constraints.values())]
-        if not done:
-            return None
-        best = min(done, key=lambda t: t.user_attrs[quality])
-        return tuple(int(best.params[n]) for n in self.names)
+        best = best_trial([t for t in trials if all(n in t.params for n in self.names)], self.space.quality)
+        return None if best is None else tuple(int(best.params[n]) for n in self.names)
 
     def mutate(self, parent: tuple[int, ...], rng: random.Random) -> tuple[int, ...]:
         levels = list(parent)

@@ -65,6 +65,12 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+def beside(url: str, name: str) -> Path:
+    """A folder kept with the study store: beside the SQLite file, or under storage/ for a database server."""
+    path = sqlite_path(url)
+    return (path.parent if path is not None else Path("storage")) / name
+
+
 def check_storage(url: str, create: bool = True) -> None:
     """Checks that need no connection (nothing is created): the URL's form, and for SQLite the file itself."""
     if "://" not in url:

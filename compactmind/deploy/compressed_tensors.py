@@ -1,5 +1,5 @@
-"""Checkpoints that serving stacks load without compactmind: compressed-tensors (what vLLM serves, and what
-transformers loads with the compressed-tensors package installed) and plain dense Hugging Face checkpoints.
+"""--format compressed-tensors: what vLLM serves, and what transformers loads with the compressed-tensors package
+installed.
 
 compressed-tensors (https://github.com/neuralmagic/compressed-tensors): each block linear that a pipeline
 quantized becomes a quantization scheme in config.json's `quantization_config`, grouped by settings:
@@ -30,85 +30,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compactmind.deploy._folder import hf_config, pruned_or_reshaped, reload_with_transformers, save
 from compactmind.errors import ConfigError
 from compactmind.files import atomic_folder
 from compactmind.footprint import parameters
-from compactmind.formats import entry
+from compactmind.formats import entry, exact_float_dtype
 from compactmind.models import block_linears
 
-FORMATS = ("packed", "compressed-tensors", "dense")
+TOLERANCE = 1e-4  # k-bit weights are stored exactly
+W8A8_TOLERANCE = 2e-2  # transformers does not quantize a W8A8 model's activations (vLLM does)
 
 
-def refusal(step_methods: list[list[str]], fmt: str) -> str | None:
-    """Why a format cannot hold these pipelines (lists of method names per pipeline), or None."""
-    from compactmind.registry import Kind, get_method
-
-    if fmt == "packed":
-        return None
-    for methods in step_methods:
-        if "l2_pruning" in methods:
-            return (f"--format {fmt} cannot hold l2_pruning: it removes channels and heads per block, which a "
-                    "Hugging Face config cannot describe; use --format packed.")
-        pruned = [m for m in methods if get_method(m).kind == Kind.PRUNING]
-        if pruned and fmt == "compressed-tensors":
-            return (f"--format compressed-tensors cannot hold {pruned[0]}: the compressed-tensors and transformers "
-                    "releases installed here load no sparse format; use --format dense (the zeros written out) or "
-                    "--format packed.")
-    return None
-
-
-def write_folder(out: Path, write) -> None:
-    """Write into a temporary sibling, then rename it into place (a reader never sees half a folder)."""
-    atomic_folder(out, write)
-
-
-def _exact_float(t: torch.Tensor) -> torch.Tensor:
-    """The tensor in the narrowest float type that holds its values exactly."""
-    t = t.detach().cpu()
-    for dtype in (torch.float16, torch.bfloat16):
-        narrow = t.to(dtype)
-        if torch.equal(narrow.to(t.dtype), t):
-            return narrow.contiguous()
-    return t.float().contiguous()
-
-
-def hf_config(model: nn.Module, extra: dict, dtype: str) -> dict:
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)  # a path of the machine it was made on
-    config.pop("auto_map", None)
-    config["dtype"] = dtype
-    config.update(extra)
-    return config
-
-
-def save(model: nn.Module, tokenizer, folder: Path, tensors: dict, config: dict, manifest: dict,
-         metadata: dict | None = None) -> None:
-    """A Hugging Face folder: model.safetensors, config.json, generation config, tokenizer, compactmind.json."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata or {"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    (folder / "compactmind.json").write_text(json.dumps(manifest, indent=2, default=str))
-
-
-def write_dense(model: nn.Module, tokenizer, out: Path, manifest: dict) -> dict:
-    """The compressed weights as a plain FP16 (or BF16) checkpoint."""
-    bf16 = any(entry(m, p).format.bits == 16 and not torch.equal(t.to(torch.float16).float(), t.float())
-               for _, m, p, t in parameters(model))
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    tensors = {name: t.detach().cpu().to(dtype).contiguous() for name, _, _, t in parameters(model)}
-    manifest = {**manifest, "format": {"name": "dense", "dtype": str(dtype)[6:]},
-                "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    write_folder(out, lambda folder: save(model, tokenizer, folder, tensors, hf_config(model, {}, str(dtype)[6:]),
-                                            manifest))
-    return manifest
-
-
-def write_compressed_tensors(model: nn.Module, tokenizer, out: Path, manifest: dict) -> dict:
+def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits: int = 32) -> dict:
     """The trial's model in the compressed-tensors format (see the module docstring)."""
     try:
         from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
@@ -147,7 +80,8 @@ def write_compressed_tensors(model: nn.Module, tokenizer, out: Path, manifest: d
     if not groups:
         raise ConfigError("This trial quantizes no layer, so compressed-tensors has nothing to describe; use "
                           "--format dense.")
-    rest = {name: _exact_float(t) for name, _, _, t in parameters(model) if name not in quantized}
+    rest = {name: t.detach().cpu().to(exact_float_dtype(t) or torch.float32).contiguous()
+            for name, _, _, t in parameters(model) if name not in quantized}
     tensors.update(rest)
     formats = {g[2] for g in groups.values()}
     config = QuantizationConfig(
@@ -162,6 +96,18 @@ def write_compressed_tensors(model: nn.Module, tokenizer, out: Path, manifest: d
     dtype = "float16" if all(t.dtype == torch.float16 for t in rest.values()) else "float32"
     manifest = {**manifest, "format": {"name": "compressed-tensors", "format": qc["format"]},
                 "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    write_folder(out, lambda folder: save(model, tokenizer, folder, tensors,
+    atomic_folder(out, lambda folder: save(model, tokenizer, folder, tensors,
                                             hf_config(model, {"quantization_config": qc}, dtype), manifest))
     return manifest
+
+
+def refusal(pipelines: list[list[str]]) -> str | None:
+    return pruned_or_reshaped(pipelines, "compressed-tensors", sparse_ok=False)
+
+
+def tolerance(manifest: dict) -> float:
+    return TOLERANCE if manifest["format"].get("format") == "pack-quantized" else W8A8_TOLERANCE
+
+
+def reload(folder: Path, device) -> nn.Module:
+    return reload_with_transformers(folder, device)
