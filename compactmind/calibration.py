@@ -113,14 +113,17 @@ def _block_out(out):
 
 @torch.inference_mode()
 def sequential_(model: nn.Module, calib: Calibration, collect: Callable[[str, nn.Linear], Any],
-                solve_block: Callable[[int, nn.Module, dict[str, Any], list], None]) -> None:
+                solve_block: Callable[[int, nn.Module, dict[str, Any], list], None],
+                true_sequential: bool = False) -> None:
     """The GPTQ/SparseGPT/Wanda/AWQ calibration loop: block by block, each block seeing its predecessors' outputs.
 
     For block i: every linear gets a forward hook feeding `collect(name, linear)`'s accumulator (its
-    `add_batch(inp, out)`), the calibration samples run through the block, `solve_block(i, block, stats,
-    samples)` compresses it (`samples`: the block's (input, call arguments) per calibration sample), and the
-    samples run through it again so block i+1 sees its outputs. Only the current block's statistics exist at
-    any time.
+    `add_batch(inp, out)`; linears reading one input tensor, q/k/v and gate/up, share one), the calibration
+    samples run through the block, `solve_block(i, block, stats, samples)` compresses it (`samples`: the
+    block's (input, call arguments) per calibration sample), and the samples run through it again so block i+1
+    sees its outputs. true_sequential (GPTQ's option): the block's linears are compressed in stages, the
+    linears reading one input together (q/k/v, then o, then gate/up, then down), each stage's statistics taken
+    with the earlier stages already compressed. Only the current block's statistics exist at any time.
     """
     from compactmind.models import decoder_layers
 
@@ -128,40 +131,78 @@ def sequential_(model: nn.Module, calib: Calibration, collect: Callable[[str, nn
     inputs, kwargs = capture_block_inputs(model, calib.samples, layers)
     for i, layer in enumerate(layers):
         interrupt.checkpoint()
-        stats, handles = {}, []
-        seen: dict[int, tuple[torch.Tensor, str]] = {}  # input tensors of this forward, held so no id is reused
-        alias: dict[str, str] = {}  # linears reading the same input (q/k/v, gate/up) share one accumulator
-
-        def hook(name, acc):
-            def take(_module, args, out):
-                x = args[0]
-                first = seen.setdefault(id(x), (x, name))[1]
-                if first == name:
-                    acc.add_batch(x.detach(), out.detach())
-                else:
-                    alias[name] = first
-            return take
-
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
-                acc = collect(name, module)
-                if acc is not None:
-                    stats[name] = acc
-                    handles.append(module.register_forward_hook(hook(name, acc)))
-        try:
-            for x, kw in zip(inputs, kwargs):
-                seen.clear()
-                layer(x, **kw)
-        finally:
-            for h in handles:
-                h.remove()
-        seen.clear()
-        stats.update({name: stats[first] for name, first in alias.items()})
-        solve_block(i, layer, stats, list(zip(inputs, kwargs)))
-        del stats
-        inputs = [_block_out(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
+        samples = list(zip(inputs, kwargs))
+        for only in _stages(layer, samples[0]) if true_sequential else [None]:
+            stats = _statistics(layer, samples, collect, only)
+            solve_block(i, layer, stats, samples)
+            del stats
+        inputs = [_block_out(layer(x, **kw)) for x, kw in samples]
         if calib.on_block:
             calib.on_block(calib.step, i + 1, len(layers))
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _stages(layer: nn.Module, sample) -> list[set[str]]:
+    """The block's linears grouped by the input tensor they read, in the order the forward pass reaches them."""
+    order: list[tuple[int, str]] = []
+    held = []  # inputs of this forward, held so no id is reused
+
+    def hook(name):
+        def take(_module, args, _out):
+            held.append(args[0])
+            order.append((id(args[0]), name))
+        return take
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in _linears(layer).items()]
+    try:
+        x, kw = sample
+        layer(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: dict[int, set[str]] = {}
+    for key, name in order:
+        stages.setdefault(key, set()).add(name)
+    return list(stages.values())
+
+
+def _statistics(layer: nn.Module, samples: list, collect, only: set[str] | None) -> dict[str, Any]:
+    """Run the samples through the block with accumulators on its linears (those in `only`; None: all), one
+    accumulator for linears that read the same input tensor."""
+    stats, handles = {}, []
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # input tensors of this forward, held so no id is reused
+    alias: dict[str, str] = {}
+
+    def hook(name, acc):
+        def take(_module, args, out):
+            x = args[0]
+            first = seen.setdefault(id(x), (x, name))[1]
+            if first == name:
+                acc.add_batch(x.detach(), out.detach())
+            else:
+                alias[name] = first
+        return take
+
+    for name, module in _linears(layer).items():
+        if only is not None and name not in only:
+            continue
+        acc = collect(name, module)
+        if acc is not None:
+            stats[name] = acc
+            handles.append(module.register_forward_hook(hook(name, acc)))
+    try:
+        for x, kw in samples:
+            seen.clear()
+            layer(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    seen.clear()
+    stats.update({name: stats[first] for name, first in alias.items()})
+    return stats
 
 
 class InputNorms:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compactmind.errors import ConfigError
+from compactmind.objectives import OBJECTIVES, QUALITY
 
 DEFAULT_STORAGE = "sqlite:///storage/compactmind.db"
 STORAGE_ENV = "COMPACTMIND_STORAGE"  # a storage URL (with its password) kept out of the command line and `ps`
@@ -25,20 +26,6 @@ STORAGE_ENV = "COMPACTMIND_STORAGE"  # a storage URL (with its password) kept ou
 def default_storage() -> str:
     return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
-# Every objective a study can optimise, declared once: name -> direction. A trial records each under its name.
-OBJECTIVES = {
-    "perplexity": "minimize",
-    "compression_ratio": "maximize",
-    # peak memory of the trial's evaluation: allocated by torch on a GPU; on the CPU the process's resident peak
-    # (model, snapshot and activations), so candidates differ only by what really changes size
-    "peak_memory_bytes": "minimize",
-    # dynamic studies choose on selection windows of validation text, never on the test windows
-    "selection_perplexity": "minimize",
-    "selection_kl": "minimize",  # mean KL divergence from the dense model's next-token distributions
-}
-# The quality objective of a study: what `best` minimises among feasible trials (test perplexity for a static
-# study; the fitness on selection windows for a dynamic one, whose chosen trials are then measured on the test).
-QUALITY = {"ppl": "selection_perplexity", "kl": "selection_kl"}
 FITNESS = tuple(QUALITY)
 GRANULARITIES = ("block", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -167,6 +154,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the settings") -> "RunConfig":
+        return cls(**cls.normalized(values, where))
+
+    @classmethod
+    def normalized(cls, values: dict[str, Any], where: str = "the settings") -> dict[str, Any]:
+        """`values` with known names only and each of its type (lists of names as tuples): what a study file is
+        checked for on its own; the rules between settings are checked once, on the merged settings."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -178,7 +171,9 @@ class RunConfig:
                 values[key] = tuple(m.strip() for m in values[key].split(",") if m.strip())
             elif isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
-        return cls(**values)
+        for key, value in values.items():
+            _check_type(key, value, _TYPES[key])
+        return values
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

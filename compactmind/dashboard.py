@@ -24,7 +24,7 @@ def artifact_dir(storage_url: str, override: str | None = None) -> Path:
     return Path(override) if override else beside(storage_url, "artifacts")
 
 
-def _fmt(value, spec: str = ".4f") -> str:
+def _figure(value, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
@@ -42,13 +42,13 @@ def note(records: StudyRecords, storage_url: str) -> str:
              f"{protocol.get('dtype', '-')}, {protocol.get('data_samples', '-')} calibration samples, seed "
              f"{protocol.get('seed', '-')}; ratio against {protocol.get('baseline_bits', 32):g}-bit weights",
              f"- **target**: compression ratio >= {records.target_ratio:.4g} (trials below it are infeasible)",
-             f"- **dense baseline**: perplexity {_fmt(dense.get('perplexity'))}",
+             f"- **dense baseline**: perplexity {_figure(dense.get('perplexity'))}",
              f"- **storage**: `{safe_url(storage_url)}`",
              f"- **trials**: {sum(counts.values())} ({records.statuses}); Optuna's \"Pruned\" covers the infeasible, "
              "invalid and early-stopped ones: each trial's `status` and `reason` attributes say which and why"]
     if best:
         lines.append(f"- **best feasible**: trial {best.number}, `{best.pipeline}`: " +
-                     ", ".join(f"{name} {_fmt(best.get(name))}" for name in records.objectives))
+                     ", ".join(f"{name} {_figure(best.get(name))}" for name in records.objectives))
     lines += ["", f"Objectives: {objectives}. The report plots are attached as artifacts."]
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from compactmind.errors import CompactMindError, IncompatiblePipelineError, Pipe
 from compactmind.registry import Kind, all_methods, get_method
 
 
-def _fmt(value: Any) -> str:
+def _value_text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -39,7 +39,7 @@ class Step:
         defaults = method.Params()
         shown = {k: v for k, v in self.values.items()
                  if not (len(method.space[k].grid()) == 1 and v == getattr(defaults, k))}
-        inner = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+        inner = ", ".join(f"{k}={_value_text(v)}" for k, v in shown.items())
         return f"{self.method}({inner})" if inner else self.method
 
 

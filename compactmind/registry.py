@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import importlib.metadata
 import logging
 import math
@@ -136,7 +137,7 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    import compactmind.methods  # noqa: F401  (importing registers the built-in methods)
+    importlib.import_module("compactmind.methods")  # the built-in methods: loaded by name, as plugins are
 
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:

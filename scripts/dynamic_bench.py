@@ -34,10 +34,10 @@ def level_ratios(study: str, storage: str, extra: list[str]) -> tuple[dict[str, 
     from compactmind.cli import parse_config
     from compactmind.study.profiles import open_levels
     from compactmind.study.session import candidates_of
-    from compactmind.trial import Executor, Progress, load
+    from compactmind.executor import Executor, Progress, load
 
     class Levels(Progress):
-        def level(self, done, total, label, how):
+        def level_built(self, done, total, label, how):
             print(f"level {done}/{total} {label}: {how}", flush=True)
 
     cfg = parse_config(["run", "--study", study, "--storage", storage, *extra])

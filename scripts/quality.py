@@ -19,7 +19,7 @@ import torch
 from compactmind import data as D
 from compactmind import models
 from compactmind import pipeline as pl
-from compactmind.trial import Executor
+from compactmind.executor import Executor
 
 
 

@@ -113,7 +113,7 @@ def grid_slice(loaded, ds, args, device) -> None:
     from compactmind import pipeline as pl
     from compactmind.calibration import Calibration
     from compactmind.errors import CompactMindError
-    from compactmind.trial import Executor
+    from compactmind.executor import Executor
 
     grids = {"random_pruning": {"sparsity": [0.1, 0.2, 0.3, 0.4, 0.5]},
              "l2_pruning": {"sparsity": [0.1, 0.2, 0.3], "scope": ["mlp", "heads", "both"]},

@@ -50,6 +50,24 @@ def communicate(proc, timeout: float):
         pytest.fail(f"the child did not end within {timeout} s; its stacks:\n{tail[-6000:]}")
 
 
+def configurations(model_dir, methods: str) -> int:
+    """How many configurations a grid study over `methods` (with hybrids) runs on the saved model: every
+    candidate, less those that do the same to this model as an earlier one."""
+    from transformers import AutoModelForCausalLM
+
+    from compactmind import pipeline as pl
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return len(pl.distinct(model, pl.candidates(methods.split(",")))[0])
+
+
+def default_dtype() -> str:
+    """The evaluation dtype a study records when none is asked for, on this machine (float16 on a GPU)."""
+    from compactmind import models
+
+    return str(models.pick_dtype("auto", models.pick_device())).replace("torch.", "")
+
+
 def tiny_config(vocab_size: int = 320, **overrides):
     from transformers import LlamaConfig
 

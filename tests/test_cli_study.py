@@ -10,6 +10,8 @@ import pytest
 from compactmind import pipeline as pl
 from compactmind.cli import main
 
+from conftest import default_dtype
+
 
 METHODS = ["random_pruning", "l2_pruning", "fp16", "int8_sq"]
 
@@ -59,7 +61,7 @@ def test_study_runs_every_candidate_once_and_writes_reports(finished, capsys):
             for key in ("pipeline", "steps", "compression_ratio", "bits_per_weight", "sparsity", "model_bytes",
                         "compress_seconds", "eval_seconds", "windows", "eval_tokens", "dtype", "perplexity"):
                 assert key in t, key
-            assert t["windows"] == 3 and t["eval_tokens"] == 3 * 64 and t["dtype"] == "float32"
+            assert t["windows"] == 3 and t["eval_tokens"] == 3 * 64 and t["dtype"] == default_dtype()
             assert len(t["window_nll"]) == 3 and t["worker"].endswith(tuple("0123456789"))
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             assert 10 * 2**20 < t["peak_host_memory_bytes"] < total  # this trial's peak resident set
@@ -124,7 +126,7 @@ def test_eval_prints_one_json_object(tiny_model_dir, text_file, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["compression_ratio"] == 0.5 and out["seq_len"] == 64 and out["windows"] == 2
-    assert out["dtype"] == "float32" and out["perplexity"] > 1
+    assert out["dtype"] == default_dtype() and out["perplexity"] > 1
     # against a 16-bit baseline, FP16 saves nothing
     assert main(["-q", "eval", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
                  "--max_eval_windows", "2", "--data_samples", "1", "--pipeline", "fp16", "--json",

@@ -15,6 +15,7 @@ import pytest
 
 from compactmind.cli import main
 
+from conftest import communicate
 
 
 def free_port() -> int:
@@ -76,7 +77,7 @@ def test_pareto_front_page_shows_the_trials_in_headless_chromium(study_db, tmp_p
         subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        communicate(server, 30)
     study = optuna.load_study(study_name="dash", storage=storage)
     complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert "Pareto Front" in dom and "compression_ratio" in dom and "dash" in dom

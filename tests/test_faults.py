@@ -17,7 +17,9 @@ from compactmind.models import block_linears
 from compactmind.registry import Kind, Method, register_method
 from compactmind.space import Categorical
 
-from conftest import communicate, finished_trials
+from conftest import communicate, configurations, finished_trials
+
+METHODS = "random_pruning,l2_pruning,fp16"
 
 
 @pytest.fixture()
@@ -75,7 +77,7 @@ def test_out_of_memory_and_nan_trials_are_recorded_and_the_study_goes_on(faulty_
 def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_file, tmp_path):
     cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir),
            "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "30", "--data_samples", "2",
-           "--target_ratio", "0.0", "--methods", "random_pruning,l2_pruning,fp16",
+           "--target_ratio", "0.0", "--methods", METHODS,
            "--storage", f"sqlite:///{tmp_path}/s.db", "--study_name", "ctrlc", "--output_dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = tmp_path / "s.db"
@@ -87,12 +89,12 @@ def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_fi
     assert proc.returncode == 130, err.decode()[-2000:]
     assert b"Traceback" not in err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert 0 < len(report["trials"]) < 43
+    assert 0 < len(report["trials"]) < configurations(tiny_model_dir, METHODS)
     done = subprocess.run(cmd, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
     finished = [t["pipeline"] for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
-    assert len(finished) == len(set(finished)) == 43
+    assert len(finished) == len(set(finished)) == configurations(tiny_model_dir, METHODS)
     assert not [t for t in trials if t["state"] == "RUNNING"]
 
 

@@ -260,3 +260,47 @@ def test_awq_is_exact_before_rounding_and_its_scales_and_clipping_beat_rtn_on_ou
     _clip_(lin, limit, 32)
     clipped = rtn(lin.weight, 3, 32, False) / s
     assert out_err(clipped, w, x) <= out_err(awq, w, x)  # clipping never loses on the tokens it chose on
+
+
+def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool):
+    """GPTQ as the paper's Algorithm 1 states it, one column at a time (no lazy blocks), with the reference
+    implementation's dampening, dead-column handling, act order and group parameters taken when a group's
+    first column is reached, from the weights as updated so far. Returns the integer codes [rows, cols]."""
+    W, H = w.clone().float(), H.clone().float()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead], W[:, dead] = 1, 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += 0.01 * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes, params = torch.zeros_like(W), {}
+    for i in range(cols):
+        j = int(perm[i])
+        g = j // group
+        if g not in params:  # the group's columns, as the error feedback has left them
+            members = [int(p) for p in range(cols) if int(perm[p]) // group == g]
+            maxq, block = 2 ** bits - 1, W[:, members]
+            lo, hi = block.min(1).values.clamp(max=0), block.max(1).values.clamp(min=0)
+            if symmetric:
+                hi = torch.maximum(hi, -lo)
+                lo = -hi
+            scale = (hi - lo).float() / maxq
+            zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-lo.float() / scale)
+            params[g] = (scale, zero, scale.half().float())
+        scale, zero, stored = params[g]
+        codes[:, i] = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, 2 ** bits - 1)
+        err = (W[:, i] - stored * (codes[:, i] - zero)) / U[i, i]
+        W[:, i:] -= err.unsqueeze(1) * U[i, i:].unsqueeze(0)
+    return codes[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("symmetric, act_order", [(True, True), (True, False), (False, True), (False, False)])
+def test_gptq_codes_equal_a_reference_written_from_the_paper(symmetric, act_order):
+    w, x = correlated_layer(5, rows=48, cols=192)
+    H = hessian(x)
+    q = gptq(w, H, 4, 64, symmetric, act_order)
+    scale = q.scale.float().repeat_interleave(64, 1)
+    ours = torch.round(q.weight / scale) + q.zero.float().repeat_interleave(64, 1)
+    ref = reference_gptq(w, H, 4, 64, symmetric, act_order)
+    assert (ours != ref).float().mean().item() == 0.0

@@ -14,7 +14,7 @@ import pytest
 
 from compactmind.cli import main
 
-from conftest import communicate, finished_trials, tiny_model
+from conftest import communicate, configurations, finished_trials, tiny_model
 
 METHODS = "random_pruning,l2_pruning,fp16"
 
@@ -99,14 +99,14 @@ def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resu
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "resume with:" in out, err[:6000]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert 0 < len(report["trials"]) < 43
+    assert 0 < len(report["trials"]) < configurations(tiny_model_dir, METHODS)
     stopped = [t for t in report["trials"] if t["state"] == "FAIL"]
     assert all(t["status"] == "terminated" for t in stopped), stopped
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
     finished = [t["pipeline"] for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
-    assert len(finished) == len(set(finished)) == 43
+    assert len(finished) == len(set(finished)) == configurations(tiny_model_dir, METHODS)
     assert not [t for t in trials if t["state"] in ("RUNNING", "WAITING")]
 
 
@@ -124,7 +124,7 @@ def test_two_processes_creating_one_new_sqlite_study_at_once_both_proceed(tiny_m
     study = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path}/new.db")
     done = [t.user_attrs["pipeline"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")
             and t.user_attrs.get("status") != "spare"]
-    assert len(done) == len(set(done)) == 43  # every configuration exactly once between the two
+    assert len(done) == len(set(done)) == configurations(tiny_model_dir, METHODS)  # each once between the two
 
 
 def test_a_study_name_never_becomes_a_path_as_it_is(tiny_model_dir, text_file, tmp_path, monkeypatch):

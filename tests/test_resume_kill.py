@@ -28,7 +28,7 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_f
            "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "30", "--data_samples", "2",
            "--target_ratio", "0.0", "--methods", "random_pruning,l2_pruning,fp16", "--storage", f"sqlite:///{db}",
            "--study_name", "killme", "--output_dir", str(tmp_path / "out")]
-    env = dict(os.environ)
+    env = {**os.environ, "COMPACTMIND_HEARTBEAT_S": "1", "COMPACTMIND_LOCK_WAIT_S": "5"}  # a short grace period
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     killed = False
@@ -55,4 +55,5 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_f
     if failed[0]["params"]:  # killed inside the trial: the heartbeat failed it and it was retried
         retries = [t for t in report["trials"] if t.get("retry_of") == failed[0]["number"]]
         assert len(retries) == 1 and retries[0]["state"] in ("COMPLETE", "PRUNED")
-    # else killed while Optuna was creating it, before any parameter: failed as an orphan, candidate re-queued
+    # else killed while Optuna was creating it, before any parameter: stamped, failed once stale, not retried
+    # (it held nothing), and its candidate ran as the grid's next

@@ -45,15 +45,18 @@ def test_a_second_signal_raises_at_once_and_a_third_ends_the_process(tmp_path):
                 time.sleep(0.01)
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert proc.poll() is None  # recorded only
-    proc.send_signal(signal.SIGINT)
-    assert proc.stdout.readline().split() == ["raised", "Terminated"]  # the first signal's kind, raised at once
-    proc.send_signal(signal.SIGTERM)
-    communicate(proc, 30)
-    assert proc.returncode == -signal.SIGTERM
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert proc.poll() is None  # recorded only
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().split() == ["raised", "Terminated"]  # the first signal's kind, at once
+        proc.send_signal(signal.SIGTERM)
+        communicate(proc, 30)
+        assert proc.returncode == -signal.SIGTERM
+    finally:
+        proc.kill()
 
 
 def _run_cmd(model_dir, data, tmp_path, *extra):

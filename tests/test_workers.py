@@ -88,6 +88,7 @@ class Reader(threading.Thread):
             self.runs += 1
             if r.returncode != 0 and "No study named" not in r.stderr:
                 self.errors.append(r.stderr[-1000:])
+            self.done.wait(1.0)  # a reader now and then, not a third of the two cores
 
 
 def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False, reports_to=None):

@@ -16,16 +16,24 @@ from compactmind import interrupt
 from compactmind.cli.commands import COMMANDS
 from compactmind.cli.parser import apply_study_file, build_parser, parse_config
 from compactmind.errors import CompactMindError
-from compactmind.study.storage import StorageTrouble, scrub
 
 __all__ = ["build_parser", "main", "parse_config"]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    """compactmind's lines on stderr: INFO by default, DEBUG with -v, only errors with -q; other libraries say
+    only errors (warnings with -v, everything with -vv)."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO if verbose < 2 else logging.DEBUG,
+                        format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("compactmind").setLevel(level)
     for noisy in ("transformers", "urllib3", "matplotlib", "PIL", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else logging.WARNING if verbose == 1
+                                          else logging.DEBUG)
+
+
+def _quiet_libraries(verbose: int) -> None:
+    """Optuna's and transformers' own chatter, set once they are needed (importing them costs seconds)."""
     import warnings
 
     import optuna
@@ -40,19 +48,30 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _warn_password_on_command_line(argv: list[str]) -> None:
-    from sqlalchemy.engine import make_url
-
     for i, arg in enumerate(argv):
         url = argv[i + 1] if arg == "--storage" and i + 1 < len(argv) else arg.partition("=")[2] \
             if arg.startswith("--storage=") else None
+        if not url:
+            continue
+        from sqlalchemy.engine import make_url
+
         try:
-            password = make_url(url).password if url else None
+            password = make_url(url).password
         except Exception:  # not a URL: the storage check says so later
             password = None
         if password:
             logging.getLogger("compactmind").warning(
                 "the storage password is on the command line, where `ps` shows it to every user of this machine; "
                 "set COMPACTMIND_STORAGE instead, or keep it in PGPASSWORD / ~/.pgpass")
+
+
+def _storage_trouble(exc: Exception) -> bool:
+    """Whether the storage itself failed (only then is Optuna loaded: a command that never opened it cannot)."""
+    if "optuna" not in sys.modules:
+        return False
+    from compactmind.study.storage import StorageTrouble
+
+    return isinstance(exc, StorageTrouble)
 
 
 def _stacks_on_sigusr1() -> None:
@@ -79,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.argv = argv  # what resumes the study: the same command line
     _setup_logging(args.verbose, args.quiet)
+    if args.command != "methods":
+        _quiet_libraries(args.verbose)
     _warn_password_on_command_line(argv)
     _stacks_on_sigusr1()
     try:
@@ -89,12 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except CompactMindError as exc:
         print(f"compactmind: error: {exc}", file=sys.stderr)
         return 1
-    except StorageTrouble as exc:
-        first = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                      getattr(args, "storage", "") or "")
-        print(f"compactmind: error: the study storage failed ({first[:300]}); check it (disk space, a damaged "
-              "file, the server) and run the same command again to resume.", file=sys.stderr)
-        return 1
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"compactmind: error: {exc.strerror or exc}{where}; free space or fix the permissions, then run the same "
@@ -104,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         stop = exc if isinstance(exc, interrupt.Interrupted) else interrupt.Interrupted()
         print(f"compactmind: {stop.status}", file=sys.stderr)
         return stop.exit_code
+    except Exception as exc:
+        if not _storage_trouble(exc):
+            raise
+        from compactmind.study.storage import scrub
+
+        first = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                      getattr(args, "storage", "") or "")
+        print(f"compactmind: error: the study storage failed ({first[:300]}); check it (disk space, a damaged "
+              "file, the server) and run the same command again to resume.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def cmd_worker(args) -> int:
 
 def cmd_eval(args) -> int:
     from compactmind import pipeline as pl
-    from compactmind.trial import Executor, load
+    from compactmind.executor import Executor, load
 
     spec = pl.parse(args.pipeline)
     cfg = config_of(args)

@@ -8,16 +8,19 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from compactmind import trial
+from compactmind import progress
+from compactmind.objectives import QUALITY_OBJECTIVES
 
-from compactmind.study.records import QUALITY_OBJECTIVES, StudyRecords, TrialRecord
+if TYPE_CHECKING:
+    from compactmind.study.records import StudyRecords, TrialRecord
 
 log = logging.getLogger("compactmind")
 _SHORT = {"perplexity": "ppl", "selection_perplexity": "selection ppl", "selection_kl": "selection KL"}
 
 
-class Progress(trial.Progress):
+class Progress(progress.Progress):
     """On a terminal: a bar over trials and, below it, one over the running step (a method's blocks, an
     evaluation's windows), each finished trial printed above them. Elsewhere (a log file, CI): log lines, one
     per trial and one every 10 s of a long step (COMPACTMIND_LOG_EVERY_S), so no minute passes silently."""
@@ -52,7 +55,7 @@ class Progress(trial.Progress):
         else:
             log.info(text)
 
-    def level(self, done: int, total: int, label: str, how: str) -> None:
+    def level_built(self, done: int, total: int, label: str, how: str) -> None:
         self._end_step()
         self.line(f"level {done}/{total} {label}: {how}")
 
@@ -109,12 +112,12 @@ class Progress(trial.Progress):
             self.trials = None
 
 
-def _fmt(value) -> str:
+def _cell(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
 def _figures(t: TrialRecord, objectives) -> str:
-    return "  ".join(f"{name} {_fmt(t.get(name))}" for name in objectives)
+    return "  ".join(f"{name} {_cell(t.get(name))}" for name in objectives)
 
 
 def unfinished(records: StudyRecords, size: int | None) -> str | None:
@@ -188,12 +191,12 @@ def best(records: StudyRecords, pareto: bool) -> str:
     columns = _columns(records)
     dense = records.dense or {}
     rows = [("", "trial", *columns, "pipeline"),
-            ("dense", "-", *[_fmt(dense.get(c)) for c in columns], "-")]
+            ("dense", "-", *[_cell(dense.get(c)) for c in columns], "-")]
     b = records.best
-    rows.append(("best", b.number, *[_fmt(b.get(c)) for c in columns], f"{b.pipeline}{_vs_source(b)}") if b else
+    rows.append(("best", b.number, *[_cell(b.get(c)) for c in columns], f"{b.pipeline}{_vs_source(b)}") if b else
                 ("best", "-", *["-"] * len(columns), f"no feasible trial (ratio >= {records.target_ratio})"))
     if pareto:
-        rows += [("front", t.number, *[_fmt(t.get(c)) for c in columns], t.pipeline) for t in records.pareto_front]
+        rows += [("front", t.number, *[_cell(t.get(c)) for c in columns], t.pipeline) for t in records.pareto_front]
     lines = [table(rows), f"trials: {records.statuses} (`compactmind compare` shows any of them; the reports give "
                           "every status and reason)"]
     if pareto:
@@ -213,21 +216,21 @@ def compare(records: StudyRecords, numbers: list[int]) -> str:
     rows = [("", "dense", *[f"trial {t.number}" for t in trials]),
             ("pipeline", "-", *[t.pipeline or "-" for t in trials]),
             ("status", "-", *[t.status or t.state for t in trials])]
-    rows += [(k, "-", *[_fmt(t.params.get(k)) for t in trials]) for k in params]
+    rows += [(k, "-", *[_cell(t.params.get(k)) for t in trials]) for k in params]
     for name in dict.fromkeys([q, "perplexity"]):
         base = dense.get(name)
-        rows.append((name, _fmt(base), *[_delta(t.get(name), base) for t in trials]))
-    rows += [(name, _fmt(dense.get(name)), *[_fmt(t.get(name)) for t in trials])
+        rows.append((name, _cell(base), *[_delta(t.get(name), base) for t in trials]))
+    rows += [(name, _cell(dense.get(name)), *[_cell(t.get(name)) for t in trials])
              for name in ("compression_ratio", "bits_per_weight", "sparsity", "model_bytes")]
     if records.source_note:
-        rows.append(("ratio_vs_source", "-", *[_fmt(t.get("ratio_vs_source")) for t in trials]))
+        rows.append(("ratio_vs_source", "-", *[_cell(t.get("ratio_vs_source")) for t in trials]))
     return table(rows)
 
 
 def _delta(value, base) -> str:
     if not isinstance(value, (int, float)):
         return "-"
-    return f"{value:.4f} ({value / base - 1:+.1%})" if isinstance(base, (int, float)) and base else _fmt(value)
+    return f"{value:.4f} ({value / base - 1:+.1%})" if isinstance(base, (int, float)) and base else _cell(value)
 
 
 def methods_table() -> str:

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"compactmind {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    parser.commands = sub.choices  # command name -> its parser (where a study file's values become defaults)
     run = sub.add_parser("run", help="run (or resume) a compression study")
     _study_flags(run)
     _flag(run, "output_dir", help="report folder (default results/run_YYYYmmdd_HHMMSS)")
@@ -156,10 +157,8 @@ def apply_study_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if args.command not in ("run", "create") or not args.study:
         return
     values, grids = load_study_file(args.study)
-    RunConfig.from_dict(values, where=f"The study file {args.study}")  # names and types checked here, once
-    command = next(a for a in parser._subparsers._group_actions
-                   if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    command.set_defaults(**values, grids=grids or None)
+    RunConfig.normalized(values, where=f"The study file {args.study}")  # names and types; the rest once merged
+    parser.commands[args.command].set_defaults(**values, grids=grids or None)
 
 
 def parse_config(argv: list[str]) -> RunConfig:

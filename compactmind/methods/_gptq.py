@@ -35,6 +35,8 @@ class GPTQ(WeightQuantizer):
     class Params(WeightQuantizer.Params):
         act_order: bool = True
         damp: float = 0.01
+        static_groups: bool = False
+        true_sequential: bool = True
 
         def __post_init__(self):
             super().__post_init__()
@@ -42,7 +44,9 @@ class GPTQ(WeightQuantizer):
                 raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 
     space = {"bits": Categorical([3, 4]), "group_size": Categorical([128, 0]), "symmetric": Categorical([False]),
-             "act_order": Categorical([True, False]), "damp": Categorical([0.01])}
+             "act_order": Categorical([True, False]), "damp": Categorical([0.01]),
+             "static_groups": Categorical([False]), "true_sequential": Categorical([True])}
+    version = 2  # 2: groups fitted when first reached (dynamic), true-sequential stages
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):
@@ -53,8 +57,8 @@ class GPTQ(WeightQuantizer):
             for lname, acc in stats.items():
                 lin = modules[lname]
                 q = gptq(lin.weight, acc.H, params.bits, params.group_size, params.symmetric, params.act_order,
-                         params.damp, keep_zeros=is_sparse(lin))
+                         params.damp, keep_zeros=is_sparse(lin), static_groups=params.static_groups)
                 write_quantized_(lin, q, params.bits, params.group_size, params.symmetric)
 
-        sequential_(model, calib, lambda _n, lin: Hessian(lin), solve)
+        sequential_(model, calib, lambda _n, lin: Hessian(lin), solve, true_sequential=params.true_sequential)
         cast_rest_to_fp16_(model)

@@ -101,40 +101,37 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -
     return Quantized(out, fp16_scale(torch.cat([p[0] for p in params], 1)), torch.cat([p[1] for p in params], 1))
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
-         damp: float = 0.01, block: int = 128, keep_zeros: bool = False) -> Quantized:
-    """GPTQ: quantize W [rows, cols] column by column, spreading each column's rounding error over the not yet
-    quantized columns through the inverse Hessian (lazy block updates). Group scales are fixed on the
-    original contiguous column groups before the loop ("static groups"), so act_order only changes the
-    processing order, never the stored layout. keep_zeros: weights that are 0 (pruned) stay 0."""
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantize_column, act_order: bool, damp: float = 0.01,
+               block: int = 128, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ's loop, for any grid: quantize W [rows, cols] column by column (by decreasing H_jj with act_order),
+    spreading each column's rounding error over the columns not yet quantized through the Cholesky factor of
+    H^-1, in lazy blocks of `block` columns. `quantize_column(j, w, current)` returns the stored values of
+    original column j for its current weights w [rows]; `current(cols)` gives the up-to-date weights [rows, k]
+    of original columns not quantized yet (for a grid fitted when its group is first reached). keep [rows,
+    cols]: where False the weight is 0 (pruned) and stays 0. Returns the quantized weight, original order."""
     from compactmind.methods._sparse import prepare_hessian
 
     W = W.float().clone()
     rows, cols = W.shape
-    keep = (W != 0) if keep_zeros else None
-    Hinv_in = H
-    params = [(s, e, *group_params(W[:, s:e], bits, symmetric)) for s, e in groups_of(cols, group_size)]
-    col_group = torch.empty(cols, dtype=torch.long)
-    for gi, (s, e, _, _) in enumerate(params):
-        col_group[s:e] = gi
-    scales = torch.stack([p[2] for p in params])  # [groups, rows, 1]
-    stored = fp16_scale(scales)
-    zeros = torch.stack([p[3] for p in params])
-    perm = torch.argsort(torch.diag(Hinv_in), descending=True) if act_order else torch.arange(cols)
-    W = W[:, perm]
-    H = Hinv_in[perm][:, perm]
-    if keep is not None:
-        keep = keep[:, perm]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    position = torch.argsort(perm)
+    W, H = W[:, perm], H[perm][:, perm]
+    keep = keep[:, perm] if keep is not None else None
     Hinv = prepare_hessian(H, W, damp)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            g = col_group[perm[i1 + i]]
-            q = fake_quantize(W1[:, i:i + 1], scales[g], zeros[g], bits, stored[g]).squeeze(1)
+            def current(original: torch.Tensor, i=i) -> torch.Tensor:
+                p = position[original]
+                inside, later = p[p < i2] - i1, p[p >= i2]
+                out = torch.empty(rows, len(p))
+                out[:, p < i2] = W1[:, inside]
+                out[:, p >= i2] = W[:, later] - Err1[:, :i] @ Hinv[i1:i1 + i, later]
+                return out
+
+            q = quantize_column(int(perm[i1 + i]), W1[:, i], current)
             if keep is not None:
                 q = q * keep[:, i1 + i]
             Q[:, i1 + i] = q
@@ -142,7 +139,37 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Quantized(Q[:, torch.argsort(perm)], stored.squeeze(2).T.contiguous(), zeros.squeeze(2).T.contiguous())
+    return Q[:, position]
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
+         damp: float = 0.01, block: int = 128, keep_zeros: bool = False, static_groups: bool = False) -> Quantized:
+    """GPTQ onto k-bit integer groups of contiguous input columns (the layout RTN stores). A group's scale and
+    zero point are chosen when the loop first reaches one of its columns, from the weights as the error feedback
+    has made them by then (the reference implementation's default, "dynamic groups"), or (static_groups) from
+    the original weights before the loop. keep_zeros: weights that are 0 (pruned) stay 0."""
+    rows, cols = W.shape
+    spans = groups_of(cols, group_size)
+    group_of = torch.empty(cols, dtype=torch.long)
+    for g, (s, e) in enumerate(spans):
+        group_of[s:e] = g
+    params: dict[int, tuple] = {}
+    if static_groups:
+        params = {g: group_params(W[:, s:e].float(), bits, symmetric) for g, (s, e) in enumerate(spans)}
+
+    def quantize_column(j: int, w: torch.Tensor, current) -> torch.Tensor:
+        g = int(group_of[j])
+        if g not in params:
+            s, e = spans[g]
+            params[g] = group_params(current(torch.arange(s, e)), bits, symmetric)
+        scale, zero = params[g]
+        return fake_quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
+
+    keep = (W != 0) if keep_zeros else None
+    Q = gptq_solve(W, H, quantize_column, act_order, damp, block, keep)
+    scale = torch.cat([params[g][0] for g in range(len(spans))], 1)
+    zero = torch.cat([params[g][1] for g in range(len(spans))], 1)
+    return Quantized(Q, fp16_scale(scale), zero)
 
 
 # ---- glue shared by the weight-only quantizers ------------------------------------------------------------

@@ -93,7 +93,7 @@ def _rebuild(cfg: RunConfig, study, trial):
     """The study's model and data (refused when their content changed), compressed as the trial was."""
     from compactmind import pipeline as pl
     from compactmind.study.session import candidates_of, check_identity, study_identity
-    from compactmind.trial import Executor, load
+    from compactmind.executor import Executor, load
 
     loaded, data = load(cfg)
     candidates = candidates_of(cfg, loaded.model)

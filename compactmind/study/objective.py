@@ -29,8 +29,8 @@ from compactmind.config import RunConfig
 from compactmind.errors import CompactMindError
 from compactmind.study.records import BASELINE_ATTR, SPARE_ATTR, TrialStatus, is_feasible
 from compactmind.study.storage import GRACE_S, StorageTrouble
-from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
-from compactmind.trial import Compressed, Executor, peak_memory, reset_peak_memory
+from compactmind.study.spaces import LevelSpace, Scorer, PipelineSpace
+from compactmind.executor import Compressed, Executor, peak_memory, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,13 @@ class TrialLost(Exception):
 
 
 @dataclass
-class Context:
+class TrialSetup:
     """Everything a trial needs, built once per study."""
 
     executor: Executor
     config: RunConfig
     space: PipelineSpace | LevelSpace
-    measure: Measure
+    measure: Scorer
     dense: dict  # the dense baseline as the study stores it
 
 
@@ -81,7 +81,7 @@ class Stopped(optuna.TrialPruned):
 class TrialRun:
     """One trial: its attributes, written to the storage as they become known."""
 
-    def __init__(self, ctx: Context, trial: optuna.Trial):
+    def __init__(self, ctx: TrialSetup, trial: optuna.Trial):
         self.ctx, self.trial, self.attrs = ctx, trial, {}
 
     def record(self, **values) -> None:
@@ -117,14 +117,14 @@ def lost(trial: optuna.Trial) -> TrialLost:
                      "again")
 
 
-def objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
+def objective(ctx: TrialSetup, trial: optuna.Trial) -> tuple[float, ...]:
     try:
         return _objective(ctx, trial)
     except optuna.exceptions.UpdateFinishedTrialError:
         raise lost(trial) from None
 
 
-def _objective(ctx: Context, trial: optuna.Trial) -> tuple[float, ...]:
+def _objective(ctx: TrialSetup, trial: optuna.Trial) -> tuple[float, ...]:
     run = TrialRun(ctx, trial)
     if trial.storage.get_trial_system_attrs(trial._trial_id).get(SPARE_ATTR):
         raise run.stop(TrialStatus.SPARE, "every remaining candidate was taken by another worker")
@@ -216,7 +216,7 @@ class EarlyStop:
 
     RATIO_SLACK = 1e-4  # a dynamic study's profiles at the target differ by a few bytes: all are rivals
 
-    def __init__(self, ctx: Context, study: optuna.Study, ratio: float):
+    def __init__(self, ctx: TrialSetup, study: optuna.Study, ratio: float):
         self.ctx, self.cfg, self.measure = ctx, ctx.config, ctx.measure
         self.slack = self.RATIO_SLACK if ctx.config.dynamic else 0.0
         # a static trial has paid minutes of compression before its first window: judge it on a quarter of them;

@@ -21,9 +21,9 @@ from compactmind.config import RunConfig
 from compactmind.dynamic import LevelDB, open_db, outlier_ratios, owl_profile
 from compactmind.study.records import (BASELINE_ATTR, TEST_ATTR, baseline_of, best_trial, holds_configuration,
                                        meta_attr, quality_of)
-from compactmind.study.spaces import LevelSpace, Measure
+from compactmind.study.spaces import LevelSpace, Scorer
 from compactmind.study.storage import beside, study_lock
-from compactmind.trial import Executor
+from compactmind.executor import Executor
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def open_levels(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline]) -
            "calibration": [data.info["calib_source"], data.info["calib_tokens"], data.seq_len, cfg.seed],
            "dtype": str(loaded.dtype), "device": loaded.device.type,
            "baseline_bits": cfg.baseline_bits}
-    return open_db(executor, levels, cfg.granularity, levels_root(cfg), key, executor.progress.level)
+    return open_db(executor, levels, cfg.granularity, levels_root(cfg), key, executor.progress.level_built)
 
 
 def level_space(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline], study: optuna.Study,
@@ -79,9 +79,9 @@ def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executo
 
 
 def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_size: int) -> list[int]:
-    """Measure the chosen profiles on the test windows (once each): the best, the Pareto front, the baselines.
+    """Scorer the chosen profiles on the test windows (once each): the best, the Pareto front, the baselines.
     Returns the trial numbers measured now."""
-    test = Measure("perplexity", executor.data.windows, "", None)
+    test = Scorer("perplexity", executor.data.windows, "", None)
     done = []
     for t in chosen(study, space):
         if f"{TEST_ATTR}{t.number}" in study.user_attrs:

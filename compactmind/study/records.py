@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from compactmind.objectives import OBJECTIVES, QUALITY_OBJECTIVES
 from compactmind.study.storage import safe_url
 
 class TrialStatus(str, enum.Enum):
@@ -61,9 +62,7 @@ def is_feasible(constraints: dict[str, float]) -> bool:
 
 
 def better(quality: str) -> Callable[[float, float], bool]:
-    """better(a, b): whether quality value a beats b, by the objective's direction (config.OBJECTIVES)."""
-    from compactmind.config import OBJECTIVES
-
+    """better(a, b): whether quality value a beats b, by the objective's direction (objectives.OBJECTIVES)."""
     return (lambda a, b: a > b) if OBJECTIVES[quality] == "maximize" else (lambda a, b: a < b)
 
 
@@ -107,7 +106,6 @@ def study_meta(user_attrs: dict) -> dict:
         else:
             meta[part] = value
     return meta
-QUALITY_OBJECTIVES = ("perplexity", "selection_perplexity", "selection_kl")
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,21 @@ from optuna.trial import TrialState
 from compactmind import identity as ident
 from compactmind import interrupt
 from compactmind import pipeline as pl
-from compactmind.config import LOCAL_FIELDS, OBJECTIVES, RunConfig
+from compactmind.config import LOCAL_FIELDS, RunConfig
+from compactmind.objectives import OBJECTIVES
 from compactmind.errors import ConfigError, StorageError
 from compactmind.data import Dataset
 from compactmind.models import LoadedModel
 from compactmind.study import records as rec
 from compactmind.study import profiles
 from compactmind.study.liveness import Beating, fail_lost_trials
-from compactmind.study.objective import Context, TrialFailed, TrialLost, lost, objective, record_signal
+from compactmind.study.objective import TrialSetup, TrialFailed, TrialLost, lost, objective, record_signal
 from compactmind.study.records import meta_attr, study_meta
 from compactmind.study.sampler import STRATEGIES, CandidateSampler
-from compactmind.study.spaces import LevelSpace, Measure, PipelineSpace
+from compactmind.study.spaces import LevelSpace, Scorer, PipelineSpace
 from compactmind.study.storage import (HEARTBEAT_S, StorageTrouble, check_storage, load_study, open_storage,
-                                       safe_url, scrub, study_lock, study_names)
-from compactmind.trial import SILENT, Executor, Progress, load
+                                       reachable, safe_url, scrub, study_lock, study_names)
+from compactmind.executor import SILENT, Executor, Progress, load
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Session:
     config: RunConfig
     executor: Executor
     space: PipelineSpace | LevelSpace
-    measure: Measure
+    measure: Scorer
     dense: dict
 
     @property
@@ -162,6 +163,7 @@ def open_study(cfg: RunConfig) -> Opened:
     """Load model and data, then create the study or resume it (refusing one made with other settings)."""
     candidates_of(cfg)  # bad methods or grids fail before a long model load
     check_storage(cfg.storage)  # likewise, and nothing is created yet
+    reachable(cfg.storage)
     loaded, data = load(cfg)
     interrupt.checkpoint()
     candidates = candidates_of(cfg, loaded.model)
@@ -179,7 +181,7 @@ def open_study(cfg: RunConfig) -> Opened:
 
 
 def start(opened: Opened, progress: Progress = SILENT) -> Session:
-    """Measure (or read) the dense baseline and build the search space; a dynamic study also opens its level
+    """Scorer (or read) the dense baseline and build the search space; a dynamic study also opens its level
     database and enqueues its baselines. `progress` hears about every long step."""
     cfg, study, data = opened.config, opened.study, opened.data
     interrupt.checkpoint()
@@ -189,11 +191,11 @@ def start(opened: Opened, progress: Progress = SILENT) -> Session:
              f"measured in {dense['seconds']:.1f} s" if measured else "read from the study")
     if cfg.dynamic:
         space = profiles.level_space(cfg, executor, opened.candidates, study, opened.storage)
-        measure = Measure(cfg.quality, data.selection, "selection_", dense)
+        measure = Scorer(cfg.quality, data.selection, "selection_", dense)
         measure.prepare(executor)
     else:
         space = PipelineSpace(opened.candidates, pl.search_spaces(cfg.methods, cfg.grids))
-        measure = Measure("perplexity", data.windows, "", dense)
+        measure = Scorer("perplexity", data.windows, "", dense)
     return Session(study, cfg, executor, space, measure, dense)
 
 
@@ -207,7 +209,7 @@ def run_trials(session: Session) -> None:
     next checkpoint (interrupt.Interrupted): a trial running then is failed with that reason and runs again when
     the study resumes. Trials left RUNNING by dead workers are failed and retried (liveness.fail_lost_trials)."""
     cfg, study = session.config, session.study
-    ctx = Context(session.executor, cfg, session.space, session.measure, session.dense)
+    ctx = TrialSetup(session.executor, cfg, session.space, session.measure, session.dense)
     strategy = STRATEGIES[cfg.strategy]
     sampler = Beating(strategy.make(session.space, cfg.seed))
     study.sampler = sampler
@@ -223,7 +225,7 @@ def run_trials(session: Session) -> None:
         profiles.finalize(study, session.space, session.executor, cfg.batch_size)
 
 
-def _guarded(ctx: Context, ran: list):
+def _guarded(ctx: TrialSetup, ran: list):
     """The objective as Optuna calls it: `ran` collects its trials; a signal that took effect inside the trial
     (at one of its checkpoints) is recorded on it before Optuna fails it."""
     def guarded(trial: optuna.Trial):
@@ -237,7 +239,7 @@ def _guarded(ctx: Context, ran: list):
     return guarded
 
 
-def _optimize(study: optuna.Study, ctx: Context, ran: list, **kwargs) -> bool:
+def _optimize(study: optuna.Study, ctx: TrialSetup, ran: list, **kwargs) -> bool:
     """study.optimize; True when it stopped on a trial another worker failed under this one (Optuna's tell
     refuses a finished trial), which this worker drops, saying so in one line, and goes on."""
     try:
@@ -251,7 +253,7 @@ def _optimize(study: optuna.Study, ctx: Context, ran: list, **kwargs) -> bool:
         return True
 
 
-def _run_grid(study: optuna.Study, cfg: RunConfig, ctx: Context, sampler: CandidateSampler) -> None:
+def _run_grid(study: optuna.Study, cfg: RunConfig, ctx: TrialSetup, sampler: CandidateSampler) -> None:
     started, ran = time.monotonic(), []
     while (cfg.n_trials is None or len(ran) < cfg.n_trials) and \
             (cfg.timeout is None or time.monotonic() - started < cfg.timeout):
@@ -266,7 +268,7 @@ def _run_grid(study: optuna.Study, cfg: RunConfig, ctx: Context, sampler: Candid
             return
 
 
-def _run_budget(study: optuna.Study, cfg: RunConfig, ctx: Context, default: int | None) -> None:
+def _run_budget(study: optuna.Study, cfg: RunConfig, ctx: TrialSetup, default: int | None) -> None:
     """An Optuna sampler to the budget (an exhaustive one until it stops the study itself); between trials,
     lost trials are failed and a recorded signal stops the loop."""
     def between(study, _trial):

@@ -24,7 +24,7 @@ from compactmind.dynamic import LevelDB, Profile
 from compactmind.evaluate import kl_divergence, running_mean, window_logprobs
 from compactmind.registry import get_method
 from compactmind.space import Categorical, Int
-from compactmind.trial import Compressed, Executor
+from compactmind.executor import Compressed, Executor
 
 
 def _suggest(trial: optuna.Trial, name: str, spec):
@@ -118,7 +118,7 @@ class Scored:
     stopped: str | None
 
 
-class Measure:
+class Scorer:
     """What trials are scored on: the quality objective, its windows, and its running value after k windows."""
 
     def __init__(self, objective: str, windows: torch.Tensor, prefix: str, dense: dict | None):
@@ -157,7 +157,7 @@ class Measure:
 
     def reference(self, executor: Executor) -> torch.Tensor:
         if self._reference is None:
-            raise RuntimeError("Measure.prepare must run on the pristine model before the first KL score")
+            raise RuntimeError("Scorer.prepare must run on the pristine model before the first KL score")
         return self._reference
 
     def attrs(self, result: Scored) -> dict:

@@ -103,6 +103,33 @@ def check_storage(url: str, create: bool = True) -> None:
                                "a study was run with.")
 
 
+def reachable(url: str) -> None:
+    """A database server answers (asked before a long model load, so a wrong URL fails at once); an SQLite file
+    is checked by check_storage."""
+    if sqlite_path(url) is not None:
+        return
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(url)
+    except Exception as exc:  # an unknown driver or a malformed URL
+        raise StorageError(f"Cannot open the storage {safe_url(url)}: {scrub(_first_line(exc), url)}; check --storage "
+                           "(an Optuna RDB URL such as postgresql://user@host/db).") from exc
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise StorageError(f"Cannot reach the storage {safe_url(url)}: {scrub(_first_line(exc), url)}; check the "
+                           "server and --storage.") from exc
+    finally:
+        engine.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _has_studies_table(path: Path) -> bool:
     import sqlite3
 
@@ -242,6 +269,22 @@ def study_lock(storage: optuna.storages.RDBStorage, name: str):
             conn.execute(text(unlock), {"k": key if dialect == "postgresql" else f"compactmind:{key}"})
 
 
+_RETRY = None
+
+
+def _retry_what_it_held(study: optuna.Study, trial) -> None:
+    """A stale trial that had taken parameters runs again (up to 3 times), as a WAITING copy of itself; one that
+    died before taking any holds nothing, and whatever it would have run is proposed again by the sampler."""
+    global _RETRY
+    if not trial.params:
+        return
+    if _RETRY is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    _RETRY(study, trial)
+
+
 def open_storage(url: str, create: bool = True, readonly: bool = False) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeat (a killed trial becomes FAIL and is retried once its heartbeat is stale).
     readonly: for reading a study back (report, best): no write lock taken, no heartbeat."""
@@ -257,13 +300,12 @@ def open_storage(url: str, create: bool = True, readonly: bool = False) -> optun
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
             heartbeat = {} if readonly else dict(
                 heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+                heartbeat_stale_trial_callback=_retry_what_it_held)
             if path is not None and writing:
                 _wal(path)
             return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **heartbeat)
     except Exception as exc:  # driver, network and schema errors all end here, as one sentence
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"Cannot open the storage {safe_url(url)}: {scrub(first, url)}; check --storage "
+        raise StorageError(f"Cannot open the storage {safe_url(url)}: {scrub(_first_line(exc), url)}; check --storage "
                            "(an Optuna RDB URL such as sqlite:///storage/compactmind.db).") from exc
 
 

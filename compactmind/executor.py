@@ -1,4 +1,4 @@
-"""One trial's work, and the one path every command takes to it: load the model and data a RunConfig names,
+"""The executor: one trial's work, and the one path every command takes to it: load the model and data a RunConfig names,
 restore the pristine model, apply a pipeline, measure its footprint, evaluate its perplexity.
 
 The study's objective, `compactmind eval`, `compactmind export` and scripts/quality.py all use `Executor`.
@@ -21,6 +21,7 @@ from compactmind.config import RunConfig
 from compactmind.errors import ConfigError
 from compactmind.evaluate import Perplexity, perplexity
 from compactmind.footprint import Footprint, Reference, measure
+from compactmind.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +45,6 @@ def load(cfg: RunConfig) -> tuple[models.LoadedModel, data_mod.Dataset]:
     return loaded, data
 
 
-class Progress:
-    """What long steps report as they go; the CLI draws it (a terminal) or logs it (elsewhere). These no-ops are
-    the library's default: it never prints."""
-
-    def level(self, done: int, total: int, label: str, how: str) -> None:
-        """A dynamic study's level database: one level read or built."""
-
-    def block(self, step: str, done: int, total: int) -> None:
-        """A calibrated method's layer-by-layer loop: `done` of `total` blocks compressed."""
-
-    def window(self, done: int, total: int) -> None:
-        """An evaluation: `done` of `total` windows scored."""
-
-    def trial_done(self, record: dict) -> None:
-        """A trial finished (its attributes, and `number`)."""
-
-
-SILENT = Progress()
 
 
 @dataclass(frozen=True)
