@@ -24,6 +24,7 @@ layer's mean) get one level less compression, those with fewer one level more (O
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -97,13 +98,15 @@ def _fingerprint(parts) -> str:
 def _ledger_json(e: Entry) -> dict:
     f = e.format
     return {"bits": f.bits, "scaled": f.scaled, "group_size": f.group_size, "zero_point": f.zero_point,
-            "sparsity": f.sparsity.value, "n": f.n, "m": f.m, "cast": f.cast, "pruned": e.pruned}
+            "sparsity": f.sparsity.value, "n": f.n, "m": f.m, "cast": f.cast, "ggml": f.ggml, "pruned": e.pruned}
 
 
 def _entry_from(ledger: dict, spec: dict, name: str, tensors) -> Entry:
     fmt = TensorFormat(bits=ledger["bits"], scaled=ledger["scaled"], group_size=ledger["group_size"],
                        zero_point=ledger["zero_point"], sparsity=Sparsity(ledger["sparsity"]), n=ledger["n"],
-                       m=ledger["m"], cast=ledger.get("cast"))
+                       m=ledger["m"], cast=ledger.get("cast"), ggml=ledger.get("ggml"))
+    if fmt.ggml:
+        return Entry(fmt, None, ledger["pruned"], False)
     qparams = None
     if fmt.scaled:
         scale = tensors(f"{name}.scale")
@@ -128,7 +131,8 @@ class _Tensors:
 
     def parts(self, name: str) -> dict[str, torch.Tensor]:
         """The stored tensors of one packed weight (packed.py names them NAME and NAME.<part>)."""
-        wanted = [name] + [f"{name}.{part}" for part in ("values", "codes", "scale", "zero", "mask", "group_index")]
+        wanted = [name] + [f"{name}.{part}" for part in ("values", "codes", "scale", "zero", "mask", "group_index",
+                                                           "ggml")]
         return {n: self(n) for n in wanted if n in self.names}
 
 
@@ -144,7 +148,13 @@ def _pack_params(named, baseline_bits: int) -> tuple[dict, dict]:
 
 def _unpack_param(name: str, item: dict, tensors: _Tensors) -> tuple[torch.Tensor, Entry]:
     spec = item["spec"]
-    return packed.unpack_tensor(name, spec, tensors.parts(name)), _entry_from(item["ledger"], spec, name, tensors)
+    e = _entry_from(item["ledger"], spec, name, tensors)
+    if e.format.ggml:  # llama.cpp blocks: decoded here (the exported packed loader never meets them)
+        from compactmind import ggml
+
+        grid, codes = ggml.decode(tensors(f"{name}.ggml").numpy(), e.format.ggml, spec["shape"][1])
+        return ggml.values(grid, codes).to(packed._DTYPES[spec["dtype"]]), dataclasses.replace(e, grid=grid)
+    return packed.unpack_tensor(name, spec, tensors.parts(name)), e
 
 
 @dataclass

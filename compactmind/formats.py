@@ -14,6 +14,7 @@ The stored tensors (bytes, exactly as export.py writes them):
   scale        FP16, one per output row and group: rows x groups x 2
   zero         k-bit zero points, bit-packed, when asymmetric: ceil(rows x groups x k / 8)
   group_index  int32 per input column, when structured pruning removed columns after quantization
+  ggml         a llama.cpp block type's bytes (ggml.py): ggml.bytes_of(type, numel), scales and codes together
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TensorFormat:
     n: int = 0  # N:M pattern, when sparsity is NM
     m: int = 0
     cast: str | None = None  # the 16-bit float type a cast stored the values in: "float16" or "bfloat16"
+    ggml: str | None = None  # a llama.cpp block type ("Q4_K", ...; ggml.TYPES): its blocks hold the weight
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Entry:
     qparams: QuantParams | None = None
     pruned: int = 0  # weights a pruning step set to zero (the mask, not zeros that rounding produced)
     act_quant: bool = False  # inputs quantized per token to INT8 at every forward (W8A8)
+    grid: object | None = None  # ggml.Grid of a ggml-typed weight: its blocks' stored scales (codes = nearest)
 
 
 def entry(module: nn.Module, param: str = "weight") -> Entry:
@@ -76,16 +79,18 @@ def get_format(module: nn.Module, param: str = "weight") -> TensorFormat:
 
 
 def record(module: nn.Module, param: str = "weight", *, qparams: QuantParams | None | bool = False,
-           pruned: int | None = None, act_quant: bool | None = None, **format_changes) -> None:
+           pruned: int | None = None, act_quant: bool | None = None, grid: object | bool = False,
+           **format_changes) -> None:
     """Record how `module.<param>` would be stored, composing with what earlier steps recorded
-    (qparams=False leaves them as they are; None clears them)."""
+    (qparams=False and grid=False leave them as they are; None clears them)."""
     ledger = dict(module.__dict__.get(LEDGER, {}))
     old = entry(module, param)
     ledger[param] = Entry(
         format=dataclasses.replace(old.format, **format_changes),
         qparams=old.qparams if qparams is False else qparams,
         pruned=old.pruned if pruned is None else pruned,
-        act_quant=old.act_quant if act_quant is None else act_quant)
+        act_quant=old.act_quant if act_quant is None else act_quant,
+        grid=old.grid if grid is False else grid)
     module.__dict__[LEDGER] = ledger
 
 
@@ -135,6 +140,10 @@ class Layout:
 def layout(weight: torch.Tensor, e: Entry, baseline_bits: int) -> Layout:
     fmt = e.format
     numel = weight.numel()
+    if fmt.ggml is not None:  # llama.cpp's blocks: scales and codes together, no sparsity
+        from compactmind import ggml
+
+        return Layout({"ggml": ggml.bytes_of(fmt.ggml, numel)}, False, numel)
     bits = fmt.bits if fmt.bits is not None else baseline_bits
 
     def value_bytes(count: int) -> int:

@@ -740,6 +740,11 @@ def _unpack(name: str, b: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray
 
 def dequantize(data: np.ndarray, type_name: str, cols: int) -> torch.Tensor:
     """Our own decoder of encode()'s bytes -> float32 [rows, cols]; equals gguf.quants.dequantize bit for bit."""
+    return values(*decode(data, type_name, cols))
+
+
+def decode(data: np.ndarray, type_name: str, cols: int) -> tuple[Grid, torch.Tensor]:
+    """encode()'s bytes -> (the grid, the codes int16 [rows, cols]): what was encoded, to encode again."""
     t = _type(type_name)
     if cols <= 0 or cols % t.block:
         raise ConfigError(f"{t.name} packs each row in blocks of {t.block} weights, and a row of {cols} "
@@ -752,5 +757,13 @@ def dequantize(data: np.ndarray, type_name: str, cols: int) -> torch.Tensor:
     fields, codes = _unpack(t.name, raw.reshape(rows, -1, t.nbytes))
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
                for k, v in fields.items()}
-    grid = Grid(t.name, rows, cols, tensors)
-    return values(grid, torch.from_numpy(codes.astype(np.int16)).reshape(rows, cols))
+    return Grid(t.name, rows, cols, tensors), torch.from_numpy(codes.astype(np.int16)).reshape(rows, cols)
+
+
+def joined(grids: list[Grid]) -> Grid:
+    """One grid from the grids of consecutive column ranges of one tensor (each a whole number of blocks), as
+    a solver that fits each block when it reaches it makes them."""
+    first = grids[0]
+    fields = {k: torch.cat([g.fields[k] for g in grids], 1) for k in first.fields}
+    ref = {k: torch.cat([g.reference[k] for g in grids], 1) for k in first.reference} if first.reference else {}
+    return Grid(first.type, first.rows, sum(g.cols for g in grids), fields, ref)

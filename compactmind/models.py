@@ -152,7 +152,7 @@ def gguf_info(path: Path) -> dict:
     weights = sum(types.values())
     main = max(types, key=types.get)
     return {"format": f"GGUF {main}", "tensor_types": types, "bytes": stored, "weights": weights,
-            "bits_per_weight": 8 * stored / weights}
+            "bits_per_weight": 8 * stored / weights, "path": str(path.resolve())}
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

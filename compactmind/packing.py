@@ -26,7 +26,10 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
     spec = {"shape": list(w.shape), "bits": None, "group_size": 0, "zero_point": False, "sparse": plan.sparse,
             "act_quant": "per_token_int8" if e.act_quant else None}
     out = {} if mask is None else {f"{name}.mask": packed.pack_bits(mask.to(torch.uint8), 1)}
-    if "codes" in plan.parts:
+    if "ggml" in plan.parts:
+        out[f"{name}.ggml"] = _ggml_bytes(name, w, e)
+        spec.update(ggml=fmt.ggml, dtype=FLOAT_NAMES[getattr(module, param).dtype])
+    elif "codes" in plan.parts:
         bits, q = fmt.bits, e.qparams
         rows, cols = w.shape
         column_group = torch.arange(cols) // (fmt.group_size or cols) if q.column_group is None \
@@ -61,6 +64,17 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
     if stored != expected:
         raise RuntimeError(f"{name}: stored {stored} bytes, the accounting counts {expected}")
     return spec, out
+
+
+def _ggml_bytes(name: str, w: torch.Tensor, e) -> torch.Tensor:
+    """A ggml-typed weight's blocks, checked to decode to exactly the evaluated weight."""
+    from compactmind import ggml
+
+    codes, values = ggml.quantize_columns(e.grid, w, 0)
+    if not torch.equal(values, w):
+        raise RuntimeError(f"{name}: the weight is not on its recorded {e.format.ggml} grid (a later step changed "
+                           "it); it cannot be stored.")
+    return torch.from_numpy(ggml.encode(e.grid, codes)).reshape(-1)
 
 
 def packed_state(model: nn.Module, baseline_bits: int) -> tuple[dict, dict]:

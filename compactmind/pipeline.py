@@ -114,6 +114,10 @@ def parse(text: str) -> Pipeline:
 def check_order(pipeline: Pipeline) -> Pipeline:
     if len({s.method for s in pipeline.steps}) != len(pipeline.steps):
         raise PipelineError("A pipeline cannot use the same method twice.")
+    for step in pipeline.steps[:-1]:
+        if get_method(step.method).final:
+            raise PipelineError(f"{step.method} must be a pipeline's last step: its stored blocks hold the weights, "
+                                "and a later step would change them.")
     return pipeline
 
 
@@ -142,7 +146,7 @@ def candidates(method_names: list[str] | None = None, hybrids: bool = True,
     if hybrids:
         for a in chosen:
             for b in chosen:
-                if {a.kind, b.kind} == {Kind.PRUNING, Kind.QUANTIZATION}:
+                if {a.kind, b.kind} == {Kind.PRUNING, Kind.QUANTIZATION} and a.hybrid and b.hybrid:
                     pairs += [Pipeline((Step(a.name, pa), Step(b.name, pb)))
                               for pa in grid[a.name] for pb in grid[b.name]]
     return singles + pairs

@@ -43,6 +43,9 @@ class Method:
     # Bumped whenever what the method makes of a model changes (how it rounds, what it keeps, a default): a
     # study records the version of every method it uses and refuses to resume under another one.
     version: ClassVar[int] = 1
+    # False: not paired with methods of the other kind in a study's hybrids; True (final): nothing may follow it
+    hybrid: ClassVar[bool] = True
+    final: ClassVar[bool] = False
     # True when the result depends on the seed (random choices); otherwise the seed must not matter.
     random: ClassVar[bool] = False
     # True when each linear's compressed weight stands alone: the method changes no norm and no shape, so a

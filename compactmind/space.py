@@ -20,15 +20,22 @@ Value = int | float | str | bool
 
 @dataclass(frozen=True)
 class Categorical:
-    choices: tuple[Value, ...]
+    """A set of choices. `searched` (a subset) is what an exhaustive search visits by default when not every
+    valid choice is worth a trial; pipeline text and study files may still use any choice."""
 
-    def __init__(self, choices):
+    choices: tuple[Value, ...]
+    searched: tuple[Value, ...] | None = None
+
+    def __init__(self, choices, searched=None):
         object.__setattr__(self, "choices", tuple(choices))
+        object.__setattr__(self, "searched", tuple(searched) if searched is not None else None)
         if not self.choices:
             raise RegistryError("A Categorical search space needs at least one choice.")
+        if self.searched is not None and (not self.searched or not set(self.searched) <= set(self.choices)):
+            raise RegistryError("A Categorical's searched values must be some of its choices.")
 
     def grid(self) -> list[Value]:
-        return list(self.choices)
+        return list(self.searched if self.searched is not None else self.choices)
 
     def _kind(self) -> type | None:
         """bool, int or float when every choice has that type: then other values of the type are valid too

@@ -30,6 +30,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
                                       "trust_remote_code or compactmind)"),
     Format("compressed-tensors", "compressed_tensors", "what vLLM serves and transformers loads as it is"),
     Format("dense", "dense", "a plain FP16 (or BF16) checkpoint for any tool"),
+    Format("gguf", "gguf", "one .gguf file for llama.cpp, ollama and LM Studio (trials of the gguf method)"),
 ]}
 
 

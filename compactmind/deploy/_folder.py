@@ -40,12 +40,14 @@ def reload_with_transformers(folder: Path, device) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 
 
-def pruned_or_reshaped(pipelines: list[list[str]], fmt: str, sparse_ok: bool) -> str | None:
+def pruned_or_reshaped(pipelines: list[list[str]], fmt: str, sparse_ok: bool, ggml_ok: bool = False) -> str | None:
     """The refusal every Hugging Face folder format shares: structured pruning (per-layer shapes a config cannot
     describe) and, unless sparse_ok, sparsity."""
     from compactmind.registry import Kind, get_method
 
     for methods in pipelines:
+        if "gguf" in methods and not ggml_ok:
+            return f"--format {fmt} cannot hold gguf's llama.cpp block types; use --format gguf (or dense)."
         if "l2_pruning" in methods:
             return (f"--format {fmt} cannot hold l2_pruning: it removes channels and heads per block, which a "
                     "Hugging Face config cannot describe; use --format packed.")

@@ -32,7 +32,7 @@ def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits:
 
 
 def refusal(pipelines: list[list[str]]) -> str | None:
-    return pruned_or_reshaped(pipelines, "dense", sparse_ok=True)
+    return pruned_or_reshaped(pipelines, "dense", sparse_ok=True, ggml_ok=True)
 
 
 def tolerance(manifest: dict) -> float:

@@ -42,6 +42,8 @@ def write(model: nn.Module, tokenizer, out_dir: Path, manifest: dict, baseline_b
 
 
 def refusal(pipelines: list[list[str]]) -> str | None:
+    if any("gguf" in methods for methods in pipelines):
+        return "--format packed does not store llama.cpp block types; use --format gguf (or dense)."
     return None
 
 

@@ -3,6 +3,7 @@
 from compactmind.methods import (  # noqa: F401
     _awq,
     _cast,
+    _gguf,
     _gptq,
     _int8_sq,
     _l2_pruning,

@@ -169,7 +169,9 @@ def open_study(cfg: RunConfig) -> Opened:
     candidates = candidates_of(cfg, loaded.model)
     storage = open_storage(cfg.storage)
     identity = study_identity(loaded, data, cfg, candidates)
-    about = {"model": {**identity["model"], "source": loaded.source}, "data": data.info,
+    about = {"model": {**identity["model"], "source": loaded.source,
+                       **({"source_gguf": loaded.source_info["path"]} if "path" in (loaded.source_info or {}) else {})},
+             "data": data.info,
              "candidates": [str(c) for c in candidates]}
     name = cfg.study_name or ident.default_name(identity)
     study, resumed = create_or_resume(storage, name, identity, about, cfg)

@@ -29,7 +29,7 @@ from compactmind.executor import Compressed, Executor
 
 def _suggest(trial: optuna.Trial, name: str, spec):
     if isinstance(spec, Categorical):
-        return trial.suggest_categorical(name, list(spec.choices))
+        return trial.suggest_categorical(name, spec.grid())
     if isinstance(spec, Int):
         return trial.suggest_int(name, spec.low, spec.high, step=spec.step)
     return trial.suggest_float(name, spec.low, spec.high, step=spec.step)

@@ -1,0 +1,134 @@
+"""GGUF types: llama.cpp's block quantization (ggml.py; llama.cpp, ggml-org/llama.cpp) as a method, so a study
+searches the types llama.cpp runs and `export --format gguf` writes exactly the evaluated weights.
+
+Every block linear is stored in `type` (or, where its row width is not a multiple of the type's blocks, in
+llama.cpp's fallback type: Q4_K -> Q5_0 on SmolLM2's 576-wide rows, see llamacpp.py), and the token embedding
+(with the head, tied or not) in `embeddings`; norms stay F32, as in llama.cpp's files. A weight is evaluated as
+its stored blocks dequantize (gguf-py's dequantizer gives the same floats bit for bit), and counts exactly the
+type's bytes per block (Q4_K: 144 bytes per 256 weights).
+
+`solver` chooses the stored blocks:
+  rtn      each block's scales by a search minimising the squared error (ggml.fit), codes to the nearest value;
+  imatrix  the same error weighed per input column by the mean squared calibration activation (what
+           llama.cpp's importance matrix collects), from the shared layer-by-layer calibration loop;
+  gptq     GPTQ's error compensation (Frantar et al., 2022) onto the type's grid: columns by decreasing H_jj,
+           each block's scales fitted (weighed by diag H) when the loop first reaches it, from the weights as
+           the error feedback has left them.
+The embeddings and the head are fitted by rtn whatever the solver (llama.cpp's importance matrix has no
+activations for the token embedding either).
+
+Parameters: `type` (a ggml type), `solver`, `embeddings` (the token embedding's and head's type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compactmind import ggml
+from compactmind.calibration import Hessian, InputNorms, require, sequential_
+from compactmind.errors import IncompatiblePipelineError
+from compactmind.formats import is_sparse, record
+from compactmind.llamacpp import fitting
+from compactmind.methods._quant import gptq_solve
+from compactmind.models import block_linears
+from compactmind.registry import Kind, Method, register_method
+from compactmind.space import Categorical
+
+SOLVERS = ("rtn", "imatrix", "gptq")
+
+
+def store_(module: nn.Module, param: str, type_name: str, importance: torch.Tensor | None = None,
+           hessian: torch.Tensor | None = None) -> None:
+    """Store module.<param> in a ggml type (its fallback where the type does not fit): the weight becomes its
+    blocks' values and the ledger records the type and the grid."""
+    w = getattr(module, param)
+    name = fitting(type_name, w.shape[1])
+    if name == "F16":
+        raise IncompatiblePipelineError(f"No ggml type holds rows of {w.shape[1]} weights (not a multiple of 32).")
+    if hessian is not None:
+        grid, values = _gptq_onto(w, hessian, name)
+    else:
+        grid = ggml.fit(w.float(), name, importance)
+        values = ggml.quantize_columns(grid, w.float(), 0)[1]
+    w.data.copy_(values.to(w.dtype))
+    record(module, param, ggml=name, grid=grid, qparams=None)
+
+
+def _gptq_onto(w: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple["ggml.Grid", torch.Tensor]:
+    block = ggml.TYPES[type_name].block
+    importance = torch.diag(H).clamp(min=0)
+    grids: dict[int, ggml.Grid] = {}
+
+    def quantize_column(j: int, col: torch.Tensor, current) -> torch.Tensor:
+        b = j // block
+        if b not in grids:
+            cols = torch.arange(b * block, (b + 1) * block)
+            grids[b] = ggml.fit(current(cols), type_name, importance[cols])
+        return ggml.quantize_columns(grids[b], col.unsqueeze(1), j - b * block)[1].squeeze(1)
+
+    values = gptq_solve(w, H, quantize_column, act_order=True)
+    return ggml.joined([grids[b] for b in range(w.shape[1] // block)]), values
+
+
+@register_method("gguf")
+class GGUF(Method):
+    summary = "llama.cpp's GGUF block types (Q8_0 ... Q2_K), fitted by rtn, imatrix or GPTQ; exports as .gguf"
+    kind = Kind.QUANTIZATION
+    needs_calibration = True  # imatrix and gptq; rtn ignores the samples
+    hybrid = False  # a GGUF file stores neither sparsity nor removed channels
+    final = True  # its blocks hold the weights: nothing may change them after it
+
+    @dataclass(frozen=True)
+    class Params:
+        type: str = "Q4_K"
+        solver: str = "rtn"
+        embeddings: str = "Q8_0"
+
+        def __post_init__(self):
+            for value, allowed in ((self.type, ggml.TYPES), (self.embeddings, ggml.TYPES), (self.solver, SOLVERS)):
+                if value not in allowed:
+                    raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+
+    space = {"type": Categorical(list(ggml.TYPES), searched=["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]),
+             "solver": Categorical(SOLVERS, searched=["rtn"]),
+             "embeddings": Categorical(list(ggml.TYPES), searched=["Q8_0"])}
+
+    def check(self, model, params):
+        for name, lin in block_linears(model):
+            if is_sparse(lin):
+                raise IncompatiblePipelineError(f"gguf cannot follow pruning: {name} is sparse, and a GGUF block "
+                                                "type stores every weight.")
+            if fitting(params.type, lin.in_features) == "F16":
+                raise IncompatiblePipelineError(f"No ggml type holds {name}'s rows of {lin.in_features} weights.")
+
+    @torch.no_grad()
+    def apply_(self, model, params, calib, seed):
+        if params.solver == "rtn":
+            for _, lin in block_linears(model):
+                store_(lin, "weight", params.type)
+        else:
+            calib = require(calib, f"gguf(solver={params.solver})")
+            statistic = InputNorms if params.solver == "imatrix" else Hessian
+
+            def solve(_i, layer, stats, _samples):
+                modules = dict(layer.named_modules())
+                for lname, acc in stats.items():
+                    if params.solver == "imatrix":
+                        store_(modules[lname], "weight", params.type, importance=acc.sq)
+                    else:
+                        store_(modules[lname], "weight", params.type, hessian=acc.H)
+
+            sequential_(model, calib, lambda _n, lin: statistic(lin), solve, true_sequential=params.solver == "gptq")
+        embeddings_(model, params.embeddings)
+
+
+def embeddings_(model: nn.Module, type_name: str) -> None:
+    """The token embedding and the head (once when tied) in `type_name`, by rtn."""
+    seen = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            store_(module, "weight", type_name)

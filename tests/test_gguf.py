@@ -1,0 +1,125 @@
+"""GGUF types as a method and as an export: the weights a trial evaluates are exactly what gguf-py reads back from
+the written file, transformers loads the file to the trial's logits, and llama.cpp's recipes pick the types its
+published rules say."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compactmind import ggml
+from compactmind import pipeline as pl
+from compactmind.calibration import Calibration
+from compactmind.cli import main
+from compactmind.deploy import gguf as gguf_format
+from compactmind.errors import PipelineError
+from compactmind.footprint import Reference, measure
+from compactmind.llamacpp import fitting, more_bits, recipe_type
+from compactmind.models import block_linears
+
+from conftest import tiny_model
+
+IDS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(3))
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("spec", ["gguf(type=Q4_K)", "gguf(type=Q6_K, solver=imatrix, embeddings=Q4_0)",
+                                  "gguf(type=Q3_K, solver=gptq)"])
+def test_a_gguf_trial_writes_exactly_the_weights_it_evaluated(tiny_model_dir, tmp_path, spec):
+    import gguf
+
+    model, tokenizer = _load(tiny_model_dir)
+    pl.apply_(model, pl.parse(spec), Calibration(torch.randint(0, 300, (3, 48))), 0)
+    fp = measure(model, Reference.of(model))
+    manifest = gguf_format.write(model, tokenizer, tmp_path / "g", {"pipeline": spec})
+    assert manifest["stored_tensor_bytes"] == fp.model_bytes  # the accounting is the file's tensor bytes
+    reader = gguf.GGUFReader(str(tmp_path / "g" / gguf_format.FILE))
+    stored = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    for hf_name, p in model.state_dict().items():
+        t = stored.get(names.get_name(hf_name, try_suffixes=(".weight",)))
+        if t is None:
+            assert hf_name == "lm_head.weight" and model.config.tie_word_embeddings
+            continue
+        values = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        role = t.name.split(".")[-2]
+        if role in ("attn_q", "attn_k"):  # undo llama.cpp's rotary row order
+            heads = model.config.num_attention_heads if role == "attn_q" else model.config.num_key_value_heads
+            values = values[np.argsort(gguf_format._rotary_rows(values.shape[0], heads))]
+        assert torch.equal(values.reshape(p.shape), p.float()), hf_name
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert "F32" in kinds and kinds - {"F32"} <= set(ggml.TYPES)
+
+
+def test_transformers_loads_the_gguf_file_to_the_trials_logits(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _load(tiny_model_dir)
+    pl.apply_(model, pl.parse("gguf(type=Q5_K)"), None, 0)
+    gguf_format.write(model, tokenizer, tmp_path / "g", {})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=gguf_format.FILE,
+                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(IDS).logits, model(IDS).logits, atol=1e-5)
+
+
+def test_a_study_of_gguf_types_exports_and_verifies_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+                 "--max_eval_windows", "2", "--data_samples", "2", "--target_ratio", "0.6", "--methods", "gguf",
+                 "--storage", storage, "--study_name", "g", "--output_dir", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export", "--study_name", "g", "--storage", storage, "--format", "gguf", "--out",
+                 str(tmp_path / "e"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "reloaded perplexity" in out
+    manifest = json.loads((tmp_path / "e" / "compactmind.json").read_text())
+    assert manifest["format"]["name"] == "gguf" and (tmp_path / "e" / gguf_format.FILE).stat().st_size > 0
+
+
+def test_formats_that_cannot_hold_a_trial_are_refused_by_name():
+    assert "l2_pruning" in gguf_format.refusal([["l2_pruning", "fp16"]])
+    assert "rtn" in gguf_format.refusal([["rtn"]])
+    assert gguf_format.refusal([["gguf"]]) is None and gguf_format.refusal([["magnitude", "fp16"]]) is None
+    from compactmind import deploy
+
+    assert "--format gguf" in deploy.get("packed").impl().refusal([["gguf"]])
+    assert "--format gguf" in deploy.get("compressed-tensors").impl().refusal([["gguf"]])
+    with pytest.raises(PipelineError, match="last step"):
+        pl.parse("gguf(type=Q4_K) -> magnitude(sparsity=0.2)")
+    assert not [c for c in pl.candidates(["gguf", "magnitude"]) if c.is_hybrid]
+
+
+def test_types_a_width_cannot_hold_fall_back_as_llama_cpp_does_and_the_ratio_counts_their_bytes():
+    assert fitting("Q4_K", 576) == "Q5_0" and fitting("Q6_K", 576) == "Q8_0" and fitting("Q4_K", 1536) == "Q4_K"
+    assert fitting("Q3_K", 64) == "Q4_0" and fitting("Q8_0", 48) == "F16"
+    model = tiny_model()
+    pl.apply_(model, pl.parse("gguf(type=Q4_K, embeddings=Q8_0)"), None, 0)
+    expected = sum(ggml.bytes_of(fitting("Q4_K", lin.in_features), lin.weight.numel())
+                   for _, lin in block_linears(model))
+    expected += sum(ggml.bytes_of("Q8_0", m.weight.numel())
+                    for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    expected += sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() == 1)  # norms stay F32
+    assert measure(model, Reference.of(model)).model_bytes == expected
+
+
+def test_llama_cpp_recipes_follow_their_published_rules():
+    n = 32
+    assert [i for i in range(n) if more_bits(i, n)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert recipe_type("Q4_K_M", "attn_v", 0, n, 4096) == "Q6_K" and recipe_type("Q4_K_M", "attn_v", 4, n, 4096) == \
+        "Q4_K"
+    assert recipe_type("Q4_K_M", "attn_q", 0, n, 4096) == "Q4_K" and recipe_type("Q4_K_M", "output", 0, n, 4096) == \
+        "Q6_K"
+    assert recipe_type("Q3_K_M", "attn_v", 1, n, 4096) == "Q5_K" and recipe_type("Q3_K_M", "attn_v", 2, n, 4096) == \
+        "Q4_K"
+    assert recipe_type("Q3_K_M", "ffn_down", 1, n, 11008 // 43 * 43) in ("Q5_K", "Q5_1")
+    assert recipe_type("Q3_K_M", "attn_output", 5, n, 4096) == "Q4_K"
+    assert recipe_type("Q3_K_M", "ffn_up", 5, n, 4096) == "Q3_K" and recipe_type("Q3_K_M", "ffn_up", 5, n, 576) == \
+        "Q4_0"
+    assert recipe_type("Q4_K_M", "output", 0, 30, 576) == "Q8_0"  # SmolLM2's 576-wide head
