@@ -27,7 +27,7 @@ def default_storage() -> str:
     return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 FITNESS = tuple(QUALITY)
-GRANULARITIES = ("block", "linear")
+GRANULARITIES = ("block", "sublayer", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that belong to one process, not to the study: a worker or a resumed run brings its own.
@@ -57,9 +57,15 @@ class RunConfig:
     baseline_bits: int = 32
     objectives: tuple[str, ...] | None = None  # None: the quality objective and compression_ratio
     dynamic: bool = False  # a compression level per unit, assembled from a database of pre-compressed units
-    granularity: str = "block"  # the unit of a dynamic study: a decoder block, or each linear layer in it
+    granularity: str = "block"  # a dynamic study's unit: a decoder block, a sub-block (attention, MLP), a linear
     fitness: str = "ppl"  # a dynamic study's selection score: perplexity or KL divergence to the dense model
-    selection_windows: int = 16  # windows of the calibration text a dynamic study selects on
+    selection_windows: int = 32  # windows of the calibration text a dynamic study selects on
+    depth: bool = False  # dynamic: a unit may be dropped (a block, or an attention or MLP sub-block)
+    embedding_units: bool = False  # dynamic: the token embedding (and an untied head) take options of their own
+    offspring: int | None = None  # evopress: children per generation (None: scaled to the number of units)
+    stages: str | None = None  # evopress: selection stages before the final one, "1x8,4x2" (windows x survivors)
+    random_profiles: int | None = None  # dynamic: random profiles measured as a baseline (None: 8 where no
+    # uniform level hits the target, else 0)
     levels_dir: str | None = None  # where a dynamic study's level database lives (default: beside the storage)
     gpu: bool = False
     cpu: bool = False
@@ -115,7 +121,12 @@ class RunConfig:
              "--study_name must be 1 to 200 printable characters."),
             (self.granularity in GRANULARITIES, f"--granularity must be one of {', '.join(GRANULARITIES)}."),
             (self.fitness in FITNESS, f"--fitness must be one of {', '.join(FITNESS)}."),
-            (self.selection_windows >= 1, f"--selection_windows must be at least 1, got {self.selection_windows}."),
+            (self.selection_windows >= 2, f"--selection_windows must be at least 2, got {self.selection_windows}."),
+            (self.offspring is None or self.offspring >= 2, f"--offspring must be at least 2, got {self.offspring}."),
+            (self.random_profiles is None or self.random_profiles >= 0,
+             f"--random_profiles must be 0 or more, got {self.random_profiles}."),
+            (self.dynamic or not (self.depth or self.embedding_units), "--depth and --embedding_units shape a "
+                                                                        "dynamic study's units; add --dynamic."),
         ]
         for ok, message in rules:
             if not ok:

@@ -72,17 +72,21 @@ def window_logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def window_kl(model: nn.Module, batch: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of KL(reference || model) for each window of `batch` [B, L] -> [B] (float64);
-    `reference` [B, L-1, V] holds the reference model's log-probabilities (window_logprobs)."""
-    total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
+def window_kl(model: nn.Module, batch: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over positions of KL(reference || model), and of the next-token NLL, for each window of `batch`
+    [B, L] -> ([B], [B]) (float64); `reference` [B, L-1, V] holds the reference model's log-probabilities
+    (window_logprobs)."""
+    kl = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
+    nll = torch.zeros_like(kl)
     done = 0
-    for logits, _ in _chunks(model, batch):
+    for logits, targets in _chunks(model, batch):
         ref = reference[:, done:done + logits.shape[1]].to(logits.device).float()
         ref = ref - ref.logsumexp(-1, keepdim=True)  # stored in FP16: normalised again, so KL is never below 0
         done += logits.shape[1]
-        total += (ref.exp() * (ref - F.log_softmax(logits, -1))).sum(-1).double().sum(1)
-    return total
+        logp = F.log_softmax(logits, -1)
+        kl += (ref.exp() * (ref - logp)).sum(-1).double().sum(1)
+        nll -= logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().sum(1)
+    return kl, nll
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,7 @@ class Divergence:
     seconds: float
     stopped: str | None = None
     window_kl: tuple[float, ...] = ()  # summed KL of each evaluated window, in order
+    perplexity: float | None = None  # of the same windows
 
 
 def kl_divergence(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_size: int = 1,
@@ -147,10 +152,16 @@ def kl_divergence(model: nn.Module, windows: torch.Tensor, reference: torch.Tens
     """Mean KL divergence from the reference model's next-token distributions (`reference` [N, L-1, V] from
     window_logprobs) to this model's, over `windows` [N, L] in order; `stop(running KL, windows done)`."""
     start = time.perf_counter()
-    kl, done, reason, sums = _scan(
-        model, windows, batch_size, lambda batch, i: window_kl(model, batch, reference[i:i + batch.shape[0]]),
-        lambda mean: mean, stop, progress)
-    return Divergence(kl, done, done * windows.shape[1], time.perf_counter() - start, reason, tuple(sums))
+    nll: list[float] = []
+
+    def sums(batch, i):
+        kl, batch_nll = window_kl(model, batch, reference[i:i + batch.shape[0]])
+        nll.extend(batch_nll.tolist())
+        return kl
+
+    kl, done, reason, kl_sums = _scan(model, windows, batch_size, sums, lambda mean: mean, stop, progress)
+    ppl = _exp(sum(nll) / (done * (windows.shape[1] - 1))) if done else math.nan
+    return Divergence(kl, done, done * windows.shape[1], time.perf_counter() - start, reason, tuple(kl_sums), ppl)
 
 
 def running_mean(window_sums, seq_len: int) -> list[float]:

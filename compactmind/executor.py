@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,11 +18,13 @@ from compactmind import data as data_mod
 from compactmind import models
 from compactmind import pipeline as pl
 from compactmind.calibration import Calibration
-from compactmind.config import RunConfig
 from compactmind.errors import ConfigError
 from compactmind.evaluate import Perplexity, perplexity
 from compactmind.footprint import Footprint, Reference, measure
 from compactmind.progress import SILENT, Progress
+
+if TYPE_CHECKING:
+    from compactmind.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,8 @@ class Executor:
         self.reference = Reference.of(loaded.model, baseline_bits)
         self.calibration = Calibration(data.calib, on_block=progress.block)
         self.snapshot = models.Snapshot(loaded.model) if reusable else None
-        self._state = "pristine"  # or "compressed", or "assembled" (modules swapped in, only the rest written)
+        self._state = "pristine"  # or "compressed", or "assembled" (a dynamic profile's units swapped in)
+        self.assembly = None  # dynamic.Assembly: the profile the model holds, while assembled
 
     @property
     def model(self) -> torch.nn.Module:
@@ -76,6 +80,8 @@ class Executor:
                 raise RuntimeError("this executor compresses once (reusable=False)")
             self.snapshot.restore()
             self._state = "pristine"
+            if self.assembly is not None:
+                self.assembly.reset()
 
     def compress(self, pipeline: pl.Pipeline) -> Compressed:
         """Restore the pristine model, apply `pipeline` in place, and measure the result."""
@@ -85,16 +91,17 @@ class Executor:
         return Compressed(pipeline, measure(self.model, self.reference), seconds)
 
     def assemble(self, db, profile) -> Compressed:
-        """Swap each unit's level from a level database (dynamic.py) into the pristine model. After an assembly
-        only the modules need restoring: units are swapped, not written, and the rest is the same for every
-        profile. `seconds` counts that restore too: the whole cost of a trial before its evaluation."""
+        """Make the model this profile of a level database (dynamic.py): from the pristine model the first
+        time, then by swapping only the units whose option changed. `seconds` is the whole cost of a trial
+        before its evaluation."""
+        from compactmind.dynamic import Assembly
+
         started = time.perf_counter()
-        if self._state == "assembled":
-            self.snapshot.restore(tensors=False)
-        else:
+        if self._state != "assembled" or self.assembly is None or self.assembly.db is not db:
             self.restore()
+            self.assembly = Assembly(db, self.model)
         self._state = "assembled"
-        db.assemble_(self.model, profile)
+        self.assembly.apply(profile)
         return Compressed(profile, db.footprint(profile, self.reference), time.perf_counter() - started)
 
     def evaluate(self, batch_size: int = 1, stop=None, windows: torch.Tensor | None = None) -> Perplexity:

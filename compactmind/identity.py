@@ -49,7 +49,9 @@ def identity_of(loaded, data, cfg, candidates) -> dict:
                    "dominance_margin": cfg.dominance_margin},
         "versions": {"compactmind": __version__, "methods": method_versions(candidates)},
         **({"dynamic": {"granularity": cfg.granularity, "fitness": cfg.fitness,
-                        "selection_windows": cfg.selection_windows}} if cfg.dynamic else {}),
+                        "selection_windows": cfg.selection_windows, "depth": cfg.depth,
+                        "embedding_units": cfg.embedding_units, "offspring": cfg.offspring, "stages": cfg.stages,
+                        "random_profiles": cfg.random_profiles}} if cfg.dynamic else {}),
     }
 
 

@@ -15,6 +15,8 @@ per stored tensor NAME (a state-dict name):
     group_size   columns per scale group (0: one group per row)
     zero_point   true: a k-bit zero point per group is stored; false: the zero point is 2^(k-1)
     sparse       true: only the kept weights are stored, with a bitmap of the kept positions
+and under "format"/"removed" the modules depth pruning removed (path -> identity_block | zero_attention |
+zero_mlp | identity): the loader puts those modules in their place (they have no weights).
     act_quant    "per_token_int8": inputs are quantized per token to int8 at every forward (W8A8), else null
 and model.safetensors holds, for NAME:
     NAME                 float values (dense, not quantized)
@@ -109,6 +111,43 @@ def per_token_int8(_module, args):
     return (quantize_per_token(args[0], 8),) + tuple(args[1:])
 
 
+class IdentityBlock(torch.nn.Module):
+    """A decoder block depth pruning removed: its input passes through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class ZeroAttention(torch.nn.Module):
+    """An attention sub-block depth pruning removed: it adds nothing to the residual."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class ZeroMLP(torch.nn.Module):
+    """An MLP sub-block depth pruning removed: it adds nothing to the residual."""
+
+    def forward(self, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+REMOVED = {"identity_block": IdentityBlock, "zero_attention": ZeroAttention, "zero_mlp": ZeroMLP,
+           "identity": torch.nn.Identity}
+
+
+def removed_modules(model: torch.nn.Module) -> dict[str, str]:
+    """The modules depth pruning replaced (path -> kind): what the manifest lists so the loader replaces them."""
+    kinds = {cls: name for name, cls in REMOVED.items()}
+    return {path: kinds[type(m)] for path, m in model.named_modules() if path and type(m) in kinds}
+
+
+def replace_removed(model: torch.nn.Module, removed: dict[str, str]) -> None:
+    for path, kind in removed.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, REMOVED[kind]())
+
+
 def resize_linears(model: torch.nn.Module, shapes: dict[str, tuple]) -> None:
     """Structured pruning removed rows/columns: give each linear its stored shape (and attention modules the
     matching number of query heads per key/value head)."""
@@ -141,6 +180,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device: str | tor
     config = AutoConfig.from_pretrained(folder)
     config.auto_map = {}  # build the architecture's own class, not this loader
     model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[fmt["dtype"]])
+    replace_removed(model, fmt.get("removed", {}))
     resize_linears(model, {n: tuple(s["shape"]) for n, s in specs.items()})
     stored = load_file(folder / WEIGHTS)
     state = {name: unpack_tensor(name, spec, stored) for name, spec in specs.items()}

@@ -17,8 +17,22 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _runtime_nodes(tree):
+    """Every node of the tree but those under `if TYPE_CHECKING:` (imports for type hints never run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def _import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports anywhere in its file (at module level or inside a function)."""
+    """module -> the package modules it imports anywhere in its file (at module level or inside a function; not
+    under `if TYPE_CHECKING:`)."""
     modules = _modules()
 
     def resolve(name: str) -> str | None:
@@ -29,7 +43,7 @@ def _import_graph() -> dict[str, set[str]]:
     graph = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

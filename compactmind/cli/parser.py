@@ -61,11 +61,23 @@ def _study_flags(p):
     _flag(p, "dynamic", action="store_true", default=None,
           help="a compression level per block (or linear), the candidates being the levels, assembled from a "
                "database of pre-compressed units (strategy evopress by default)")
-    _flag(p, "granularity", help="dynamic: block (default) or linear")
+    _flag(p, "granularity", help="dynamic: the unit that takes an option: block (default), sublayer (attention, MLP) "
+                                 "or linear")
     _flag(p, "fitness", help="dynamic: what profiles are chosen on, ppl (default) or kl (to the dense model), on "
                              "selection windows of validation text")
     _flag(p, "selection_windows", type=int, help="dynamic: selection windows taken from the calibration text "
                                                  "(default 16)")
+    _flag(p, "depth", action="store_true", default=None,
+          help="dynamic: a unit may also be dropped (depth pruning: a block, or a sub-block with --granularity "
+               "sublayer); ShortGPT's choice is a baseline")
+    _flag(p, "embedding_units", action="store_true", default=None,
+          help="dynamic: the token embedding and an untied head are units with options of their own (FP16, 8-bit, "
+               "4-bit; GGUF types for GGUF levels)")
+    _flag(p, "offspring", type=int, help="evopress: children per generation (default: scaled to the units)")
+    _flag(p, "stages", help="evopress: selection stages before the final one on every selection window, e.g. "
+                            "1x8,4x2 (1 window keeps the best 8, then 4 windows keep 2)")
+    _flag(p, "random_profiles", type=int, help="dynamic: random profiles measured as a baseline (default: 8 where "
+                                               "no uniform level hits the target)")
     _flag(p, "levels_dir", help="dynamic: where the level database is kept (default: 'levels' beside the SQLite "
                                 "file)")
     _budget_flags(p)

@@ -28,7 +28,8 @@ def write(model: nn.Module, tokenizer, out_dir: Path, manifest: dict, baseline_b
     specs, tensors = packed_state(model, baseline_bits)
     dtype = FLOAT_NAMES[next(model.parameters()).dtype]
     manifest = {**manifest, "stored_tensor_bytes": tensor_bytes(tensors),
-                "format": {"version": packed.FORMAT_VERSION, "dtype": dtype, "tensors": specs}}
+                "format": {"version": packed.FORMAT_VERSION, "dtype": dtype, "tensors": specs,
+                           "removed": packed.removed_modules(model)}}
     loader = {"AutoModelForCausalLM": "modeling_compactmind.CompactModelForCausalLM"}
     config = hf_config(model, {"auto_map": loader}, dtype)
 

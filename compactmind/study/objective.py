@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compactmind import interrupt
 from compactmind.config import RunConfig
+from compactmind.objectives import OBJECTIVES
 from compactmind.errors import CompactMindError
 from compactmind.study.records import BASELINE_ATTR, SPARE_ATTR, TrialStatus, is_feasible
 from compactmind.study.storage import GRACE_S, StorageTrouble
@@ -144,7 +145,7 @@ def _objective(ctx: TrialSetup, trial: optuna.Trial) -> tuple[float, ...]:
     try:
         compressed = _compress(run, candidate)
         _check_ratio(run, compressed)
-        values = _evaluate(run, compressed)
+        values = _evaluate(run, compressed, candidate)
     except optuna.TrialPruned:
         run.finish()
         raise
@@ -182,15 +183,16 @@ def _check_ratio(run: TrialRun, compressed: Compressed) -> None:
         raise run.stop(TrialStatus.INFEASIBLE, f"compression ratio {ratio:.4f} is below the target {target}")
 
 
-def _evaluate(run: TrialRun, compressed: Compressed) -> tuple[float, ...]:
+def _evaluate(run: TrialRun, compressed: Compressed, candidate) -> tuple[float, ...]:
     ctx, cfg, measure = run.ctx, run.ctx.config, run.ctx.measure
     baseline = run.trial.user_attrs.get(BASELINE_ATTR)  # the baselines are measured in full: what a study beats
+    subset = getattr(candidate, "windows", None)  # a selection stage's draw of windows (EvoPress)
     stop = EarlyStop(ctx, run.trial.study, compressed.footprint.compression_ratio) \
-        if cfg.early_stop and not baseline else None
+        if cfg.early_stop and not baseline and subset is None else None
     device = ctx.executor.loaded.device
     compress_peak = peak_memory(device)
     reset_peak_memory(device)
-    result = measure.score(ctx.executor, cfg.batch_size, stop=stop)
+    result = measure.score(ctx.executor, cfg.batch_size, stop=stop, subset=subset)
     eval_peak = peak_memory(device)
     run.record(**measure.attrs(result), **{k: max(v, compress_peak.get(k, 0)) for k, v in eval_peak.items()},
                peak_memory_bytes=eval_peak.get("peak_device_memory_bytes", eval_peak.get("peak_host_memory_bytes")))
@@ -202,6 +204,9 @@ def _evaluate(run: TrialRun, compressed: Compressed) -> tuple[float, ...]:
         raise run.stop(TrialStatus.NONFINITE, f"{name} is {value} (the compressed model diverges)")
     if result.stopped:
         raise run.stop(TrialStatus.EARLY_STOPPED, result.stopped)
+    if subset is not None:
+        raise run.stop(TrialStatus.STAGE, f"selection stage {candidate.stage + 1} of generation "
+                                          f"{candidate.generation}: scored on {len(subset)} windows; the best go on")
     if value > cap:  # evaluated in full (no early stop) and over the cap: measured, infeasible
         run.record(status=TrialStatus.OVER_CAP, reason=f"{name} {value:.4g} exceeds the cap {cap:.4g} "
                                                         f"({cfg.ppl_cap_factor}x dense)")
@@ -237,7 +242,7 @@ class EarlyStop:
         if self.measure.capped and dense and running > cfg.ppl_cap_factor * dense[done - 1]:
             return (f"running {name} {running:.4g} after {done} windows exceeds {cfg.ppl_cap_factor}x the "
                     f"dense model's on the same windows ({dense[done - 1]:.4g})")
-        if done >= self.min_windows:
+        if done >= self.min_windows and OBJECTIVES[name] == "minimize":
             for value, ratio, number, curve in self.rivals:
                 theirs = curve[done - 1] if curve else value
                 if running > cfg.dominance_margin * theirs:

@@ -1,10 +1,12 @@
 """A dynamic study's own steps: its level database and search space, the baselines every such study measures
-(the uniform profile at the target and an OWL-style allocation, enqueued as its first trials), and the final
-measurement of the chosen profiles on the test windows.
+first (the uniform profile at the target; OWL's allocation for pruning levels; ShortGPT's for depth pruning; the
+best of N random profiles where no uniform level hits the target), and the final measurement of the chosen
+profiles on the test windows.
 
-Selection happens on validation text; at the end the best profile, the Pareto front and the two baselines are
+Selection happens on validation text; at the end the best profile, the Pareto front and the baselines are
 measured on the test windows, and those figures are kept in the study (one study attribute per trial,
-`compactmind:test:N`: a finished trial's own attributes cannot change), so reports show both figures.
+`compactmind:test:N`: a finished trial's own attributes cannot change), so reports show both figures and the
+gap between them.
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from compactmind import interrupt
+from compactmind import allocations, interrupt
 from compactmind import pipeline as pl
 from compactmind.config import RunConfig
-from compactmind.dynamic import LevelDB, open_db, outlier_ratios, owl_profile
+from compactmind.dynamic import LevelDB, open_db
+from compactmind.executor import Executor
 from compactmind.study.records import (BASELINE_ATTR, TEST_ATTR, baseline_of, best_trial, holds_configuration,
                                        meta_attr, quality_of)
-from compactmind.study.spaces import LevelSpace, Scorer
+from compactmind.study.spaces import LevelSpace, Schedule, Scorer
 from compactmind.study.storage import beside, study_lock
-from compactmind.executor import Executor
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("uniform", "owl")
+BASELINES = ("uniform", "owl", "shortgpt", "random")
+RANDOM_DEFAULT = 8  # random profiles measured where no uniform level hits the target (--random_profiles)
+HIT = 0.002  # a uniform profile within this ratio of the target hits it
 
 
 def levels_root(cfg: RunConfig) -> Path:
@@ -35,51 +39,81 @@ def levels_root(cfg: RunConfig) -> Path:
     return Path(cfg.levels_dir) if cfg.levels_dir else beside(cfg.storage, "levels")
 
 
-def open_levels(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline]) -> LevelDB:
-    """The study's level database, keyed by model, calibration data and protocol: read back, or built."""
+def database_key(cfg: RunConfig, executor: Executor) -> dict:
+    """What a level database is made of, by content: the weights, the calibration tokens, the protocol (each
+    level's folder adds its text and its methods' versions)."""
     loaded, data = executor.loaded, executor.data
-    key = {"model": [loaded.name, loaded.source, sum(p.numel() for p in loaded.model.parameters())],
-           "calibration": [data.info["calib_source"], data.info["calib_tokens"], data.seq_len, cfg.seed],
-           "dtype": str(loaded.dtype), "device": loaded.device.type,
-           "baseline_bits": cfg.baseline_bits}
-    return open_db(executor, levels, cfg.granularity, levels_root(cfg), key, executor.progress.level_built)
+    return {"weights": loaded.fingerprint, "calibration": data.info.get("calib_ids"), "seq_len": data.seq_len,
+            "seed": cfg.seed, "dtype": str(loaded.dtype), "device": loaded.device.type,
+            "baseline_bits": cfg.baseline_bits}
+
+
+def open_levels(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline]) -> LevelDB:
+    """The study's level database: read back, or built."""
+    return open_db(executor, levels, cfg.granularity, levels_root(cfg), database_key(cfg, executor),
+                   executor.progress.level_built, depth=cfg.depth, embeddings=cfg.embedding_units)
 
 
 def level_space(cfg: RunConfig, executor: Executor, levels: list[pl.Pipeline], study: optuna.Study,
                 storage) -> LevelSpace:
-    """Open (or build) the level database, record its levels in the study, and enqueue the baselines
+    """Open (or build) the level database, record it and its levels in the study, and enqueue the baselines
     (`storage`: the study's RDB storage, whose lock makes two workers starting at once enqueue them once)."""
     db = open_levels(cfg, executor, levels)
-    space = LevelSpace(db, cfg.granularity, cfg.target_ratio, executor.reference.dense_bytes, cfg.quality)
+    schedule = Schedule.of(cfg.stages, cfg.offspring, len(db.units), cfg.selection_windows, cfg.seed) \
+        if cfg.strategy == "evopress" else None
+    space = LevelSpace(db, cfg.granularity, cfg.target_ratio, executor.reference.dense_bytes, cfg.quality, schedule)
     if meta_attr("dynamic") not in study.user_attrs:
         study.set_user_attr(meta_attr("dynamic"), {
             "levels": db.labels, "level_ratios": [lv.ratio for lv in db.levels], "units": space.names,
-            "rest_from": db.rest_from, "level_seconds": [lv.manifest.get("compress_seconds") for lv in db.levels]})
+            "options": [db.option_labels(u) for u in range(len(db.units))], "rest_from": db.rest_from,
+            "level_seconds": [lv.manifest.get("compress_seconds") for lv in db.levels],
+            "database": str(db.folder), "schedule": None if schedule is None else
+            {"offspring": schedule.offspring, "stages": [list(s) for s in schedule.stages], "pool": schedule.pool}})
     with study_lock(storage, study.study_name):
-        _enqueue_baselines(study, space, executor)
+        _enqueue_baselines(study, space, executor, cfg)
     return space
 
 
-def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executor) -> None:
-    """Enqueue the baselines the study does not hold yet: one that ended FAIL (terminated, interrupted; a killed
-    one has a WAITING retry) is not held, and runs again."""
-    present = {baseline_of(t) for t in study.get_trials(deepcopy=False)
-               if holds_configuration(t.state, t.user_attrs.get("status"))}
-    if set(BASELINES) <= present:
-        return
+def baselines(space: LevelSpace, executor: Executor, cfg: RunConfig) -> list[tuple[str, object]]:
+    """(kind, profile) of every baseline this study measures."""
+    db = space.db
     uniform = space.uniform()
     if uniform is None:
-        log.warning("no level meets the target ratio %s: not even the most compressing one", space.target_ratio)
-        return
+        log.warning("no uniform profile meets the target ratio %s, not even the most compressing one",
+                    space.target_ratio)
+    out = [("uniform", uniform)] if uniform is not None else []
     executor.restore()
-    owl = owl_profile(space.db, outlier_ratios(executor.model, executor.data.calib, space.db.units), space.feasible)
-    for kind, profile in (("uniform", uniform), ("owl", owl)):
-        if kind not in present and profile is not None:
+    calib = executor.data.calib
+    if any(lv.manifest.get("sparsity", 0) > 0 for lv in db.levels):
+        out.append(("owl", allocations.owl_profile(db, allocations.outlier_ratios(executor.model, calib),
+                                                   space.feasible)))
+    if db.depth:
+        out.append(("shortgpt", allocations.shortgpt_profile(
+            db, allocations.block_importance(executor.model, calib), space.feasible)))
+    hit = uniform is not None and 1 - db.bytes_of(uniform) / space.dense_bytes < space.target_ratio + HIT
+    n = cfg.random_profiles if cfg.random_profiles is not None else (0 if hit else RANDOM_DEFAULT)
+    out += [("random", p) for p in allocations.random_profiles(db, space.feasible, n, cfg.seed)]
+    return [(kind, p) for kind, p in out if p is not None]
+
+
+def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executor, cfg: RunConfig) -> None:
+    """Enqueue the baselines the study does not hold yet (all of them the first time): one that ended FAIL
+    (terminated, interrupted; a killed one has a WAITING retry) is not held, and runs again."""
+    held, lost = set(), set()
+    for t in study.get_trials(deepcopy=False):
+        if baseline_of(t):
+            params = t.params or t.system_attrs.get("fixed_params") or {}  # a WAITING one has its fixed params
+            key = (baseline_of(t), tuple(params.get(n) for n in space.names))
+            (held if holds_configuration(t.state, t.user_attrs.get("status")) else lost).add(key)
+    if held and not lost - held:
+        return
+    for kind, profile in baselines(space, executor, cfg):
+        if (kind, profile.levels) not in held:
             study.enqueue_trial(dict(zip(space.names, profile.levels)), user_attrs={BASELINE_ATTR: kind})
 
 
 def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_size: int) -> list[int]:
-    """Scorer the chosen profiles on the test windows (once each): the best, the Pareto front, the baselines.
+    """Measure the chosen profiles on the test windows (once each): the best, the Pareto front, the baselines.
     Returns the trial numbers measured now."""
     test = Scorer("perplexity", executor.data.windows, "", None)
     done = []
@@ -97,13 +131,16 @@ def finalize(study: optuna.Study, space: LevelSpace, executor: Executor, batch_s
 
 
 def chosen(study: optuna.Study, space: LevelSpace) -> list[optuna.trial.FrozenTrial]:
-    """The trials a dynamic study reports on the test windows: its baselines, its best, its Pareto front."""
+    """The trials a dynamic study reports on the test windows: its baselines (of the random ones, the best), its
+    best, its Pareto front."""
+    quality = quality_of(study)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if all(n in t.params for n in space.names) and "duplicate_of" not in t.user_attrs]
-    picks = {t.number: t for t in complete if baseline_of(t) in BASELINES}
-    best = best_trial(complete, quality_of(study))
-    if best is not None:
-        picks[best.number] = best
+    picks = {t.number: t for t in complete if baseline_of(t) in BASELINES and baseline_of(t) != "random"}
+    for t in (best_trial([t for t in complete if baseline_of(t) == "random"], quality),
+              best_trial(complete, quality)):
+        if t is not None:
+            picks[t.number] = t
+    if best_trial(complete, quality) is not None:
         picks.update({t.number: t for t in study.best_trials if "duplicate_of" not in t.user_attrs})
     return [picks[n] for n in sorted(picks)]
-

@@ -30,6 +30,7 @@ class TrialStatus(str, enum.Enum):
     TERMINATED = "terminated"  # SIGTERM (Slurm, Kubernetes, systemd): run again when the study resumes
     KILLED = "killed"  # its process died without a word (kill -9, a lost machine): failed by the heartbeat
     LOST = "lost"  # another worker failed it while it ran (it looked stale): run again
+    STAGE = "stage"  # an EvoPress selection stage: scored on a draw of windows, the best go on to the next
     SPARE = "spare"  # a grid trial that found every candidate taken by other workers
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cmp_to_key
 
 import optuna
 from optuna.distributions import IntDistribution
@@ -20,7 +21,8 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from compactmind import pipeline as pl
-from compactmind.study.records import SPARE_ATTR, best_trial, holds_configuration, is_spare
+from compactmind.study.records import SPARE_ATTR, best_trial, better as better_of, holds_configuration, is_spare
+from compactmind.study.spaces import EVO_ATTR
 
 CANDIDATE_ATTR = "compactmind:candidate"
 
@@ -86,59 +88,105 @@ class CandidateSampler(BaseSampler):
 
 
 class EvoPressSampler(BaseSampler):
-    """EvoPress's (1+λ) evolutionary search over level profiles (Sieberling et al., ICML 2025) as an Optuna
-    sampler whose only state is the study, so many workers can share one study: each offspring is a mutation of
-    the best feasible profile found so far (the parent), which changes as soon as an offspring beats it.
+    """EvoPress's (1+λ) evolutionary search over profiles (Sieberling et al., ICML 2025) as an Optuna sampler whose
+    only state is the study, so many workers can share one study.
 
-    Mutation is the level switch: one unit one level more compressed, another unit of the same size one level
-    less, so the total size stays put; 1 to `max_switches` switches per offspring. Where levels are not evenly
-    spaced in bytes (2/3/4/8 bits), a profile over the budget gets more compression on random units until it
-    meets it. A profile the study already holds (measured or being measured) is not proposed again. Multi-step
-    selection is the objective's early stop: an offspring that falls behind its parent on the first selection
-    windows is not scored on more.
-    Before any trial has finished, the sampler proposes the uniform profile (the study enqueues uniform and OWL).
+    Each generation mutates the best profile found so far (the parent: the best scored on every selection
+    window, baselines included) into `offspring` children and selects among them in stages (spaces.Schedule):
+    every child is scored on a small draw of selection windows, the best go on to larger draws, the last stage's
+    survivors are scored on every selection window, where they meet the parent; a better one is the next
+    generation's parent. Each scoring is one trial, which carries its generation and stage (spaces.EVO_ATTR).
+    A worker that would wait for another's stage scores one more child of the current generation instead.
+
+    Mutation is the level switch: one unit one option more compressed, another of the same size one less, so
+    the total size stays put (1 to 3 switches, fewer more often: min of two draws, as EvoPress); where the
+    sizes differ (embeddings, uneven levels), units are moved until the profile meets the target again and no
+    further move fits. A profile the study already holds is not proposed again.
+    Before the first parent is scored, the sampler proposes the uniform profile (the study enqueues its baselines).
     """
 
-    def __init__(self, space, seed: int, max_switches: int = 3):
-        self.space, self.seed, self.max_switches = space, seed, max_switches
-        db = space.db
+    def __init__(self, space, seed: int):
+        self.space, self.seed = space, seed
+        self.schedule = space.schedule
         self.names = space.names
-        self.top = len(db.levels) - 1
-        self.size_class = [tuple(lv.unit_bytes[u] for lv in db.levels) for u in range(len(self.names))]
+        self.tops = [len(options) - 1 for options in space.db.options]
+        self.size_class = [tuple(o.bytes for o in options) for options in space.db.options]
 
     def infer_relative_search_space(self, study, trial):
-        return {name: IntDistribution(0, self.top) for name in self.names}
+        return {name: IntDistribution(0, top) for name, top in zip(self.names, self.tops)}
 
     def sample_relative(self, study, trial, search_space):
         if not search_space:
             return {}
         trials = study.get_trials(deepcopy=False)
-        parent = self._parent(trials)
-        if parent is None:
+        plan = self.plan(trials, trial.number)
+        if plan is None:
             return {}
-        seen = {tuple(t.params.get(n) for n in self.names) for t in trials  # a yield or a kill: proposed again
-                if t.state != TrialState.FAIL and not is_spare(t)}
-        rng = random.Random(self.seed * 1_000_003 + trial.number)
-        child = parent
-        for _ in range(64):
-            child = self.mutate(parent, rng)
-            if child not in seen:
-                break
-        return dict(zip(self.names, child))
+        generation, stage, profile = plan
+        study._storage.set_trial_system_attr(trial._trial_id, EVO_ATTR, {"generation": generation, "stage": stage})
+        return dict(zip(self.names, profile))
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         uniform = self.space.uniform()
         return uniform.levels[self.names.index(param_name)] if uniform is not None else 0
 
+    def plan(self, trials: list[FrozenTrial], number: int) -> tuple[int, int, tuple[int, ...]] | None:
+        """(generation, stage, profile) of the next trial; None before any parent is scored."""
+        parent = self._parent(trials)
+        if parent is None:
+            return None
+        staged = [t for t in trials if EVO_ATTR in t.system_attrs and t.number != number
+                  and holds_configuration(t.state, t.user_attrs.get("status")) and not is_spare(t)]
+        generation = max((t.system_attrs[EVO_ATTR]["generation"] for t in staged), default=0)
+        ours = [t for t in staged if t.system_attrs[EVO_ATTR]["generation"] == generation]
+        rng = random.Random(self.seed * 1_000_003 + number)
+        for stage in range(self.schedule.final + 1):
+            held = [t for t in ours if t.system_attrs[EVO_ATTR]["stage"] == stage]
+            if len(held) >= self.schedule.need(stage):
+                continue
+            if stage == 0:
+                return generation, 0, self._child(parent, trials, rng)
+            promoted = self._promote(ours, stage, held)
+            if promoted is not None:
+                return generation, stage, promoted
+            return generation, 0, self._child(parent, trials, rng)  # the stage before is still being scored
+        return generation + 1, 0, self._child(self._parent(trials), trials, rng)
+
+    def _promote(self, ours: list[FrozenTrial], stage: int, held: list[FrozenTrial]) -> tuple[int, ...] | None:
+        """The best of the stage before (all of it scored) not yet taken on to this stage."""
+        before = [t for t in ours if t.system_attrs[EVO_ATTR]["stage"] == stage - 1]
+        if any(not t.state.is_finished() for t in before):
+            return None
+        quality = self.space.quality
+        scored = [t for t in before if staged_value(t, quality) is not None]
+        better = better_of(quality)
+        ranked = sorted(scored, key=cmp_to_key(lambda a, b: -1 if better(staged_value(a, quality),
+                                                                            staged_value(b, quality)) else 1))
+        taken = {tuple(t.params.get(n) for n in self.names) for t in held}
+        for t in ranked[: self.schedule.need(stage)]:
+            profile = tuple(int(t.params[n]) for n in self.names)
+            if profile not in taken:
+                return profile
+        return None
+
     def _parent(self, trials: list[FrozenTrial]) -> tuple[int, ...] | None:
         best = best_trial([t for t in trials if all(n in t.params for n in self.names)], self.space.quality)
         return None if best is None else tuple(int(best.params[n]) for n in self.names)
 
+    def _child(self, parent: tuple[int, ...], trials: list[FrozenTrial], rng: random.Random) -> tuple[int, ...]:
+        seen = {tuple(t.params.get(n) for n in self.names) for t in trials if t.state != TrialState.FAIL}
+        child = parent
+        for _ in range(64):
+            child = self.mutate(parent, rng)
+            if child not in seen:
+                break
+        return child
+
     def mutate(self, parent: tuple[int, ...], rng: random.Random) -> tuple[int, ...]:
         levels = list(parent)
         units = range(len(levels))
-        for _ in range(rng.randint(1, self.max_switches)):
-            more = [u for u in units if levels[u] < self.top]
+        for _ in range(min(rng.randint(1, 3), rng.randint(1, 3))):
+            more = [u for u in units if levels[u] < self.tops[u]]
             if not more:
                 break
             a = rng.choice(more)
@@ -149,12 +197,32 @@ class EvoPressSampler(BaseSampler):
             b = rng.choice(less)
             levels[a] += 1
             levels[b] -= 1
+        return self._repaired(levels, rng)
+
+    def _repaired(self, levels: list[int], rng: random.Random) -> tuple[int, ...]:
+        """Over the budget: compress random units more until it meets the target; then spend what is left on
+        random units while the profile stays feasible (a few tries)."""
+        units = range(len(levels))
         while not self.space.feasible(tuple(levels)):
-            more = [u for u in units if levels[u] < self.top]
+            more = [u for u in units if levels[u] < self.tops[u]]
             if not more:
                 break
             levels[rng.choice(more)] += 1
+        for _ in range(8):
+            less = [u for u in units if levels[u] > 0]
+            if not less:
+                break
+            u = rng.choice(less)
+            levels[u] -= 1
+            if not self.space.feasible(tuple(levels)):
+                levels[u] += 1
         return tuple(levels)
+
+
+def staged_value(t: FrozenTrial, quality: str) -> float | None:
+    """A trial's quality on the windows it was scored on: its objective value, or the figure a selection stage
+    (or an early stop) recorded."""
+    return t.user_attrs.get(quality, t.user_attrs.get(f"partial_{quality}"))
 
 
 @dataclass(frozen=True)

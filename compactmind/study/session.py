@@ -145,6 +145,8 @@ class Session:
 def candidates_of(cfg: RunConfig, model=None) -> list[pl.Pipeline]:
     """The study's candidates (a dynamic study's levels); given the model, those that do the same to it as an
     earlier one are left out (one line; -v lists them)."""
+    if cfg.dynamic and cfg.methods == ("dense",):  # depth pruning alone: every unit kept as it is, or dropped
+        return [pl.Pipeline(())]
     candidates = pl.candidates(list(cfg.methods) if cfg.methods else None, cfg.hybrids, cfg.grids)
     if not candidates:
         raise ConfigError("No candidate pipelines: --methods names no method; pass at least one.")

@@ -13,6 +13,7 @@ on the test windows at the end (session.finalize).
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -21,6 +22,7 @@ import torch
 
 from compactmind import pipeline as pl
 from compactmind.dynamic import LevelDB, Profile
+from compactmind.errors import ConfigError
 from compactmind.evaluate import kl_divergence, running_mean, window_logprobs
 from compactmind.registry import get_method
 from compactmind.space import Categorical, Int
@@ -67,13 +69,82 @@ class PipelineSpace:
         return executor.compress(candidate)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """EvoPress's multi-step selection (Sieberling et al., 2025): each generation's `offspring` are scored on a
+    few selection windows, the best `survivors` of each stage go on to the next stage's larger draw of windows,
+    and the last stage scores its survivors on every selection window, where they meet the parent (whose score
+    there is known). `stages` lists (windows, survivors) before that final stage; each stage's windows are drawn
+    afresh per generation (seeded), without repeats."""
+
+    offspring: int
+    stages: tuple[tuple[int, int], ...]
+    pool: int  # the selection windows: the final stage's
+    seed: int = 0
+
+    @classmethod
+    def of(cls, text: str | None, offspring: int | None, units: int, pool: int, seed: int) -> "Schedule":
+        """From --stages ("1x8,4x2": 1 window keeps 8, then 4 windows keep 2) and --offspring; the defaults scale
+        with the number of units: offspring = units / 4 within 8..32, stages 1 window (the best quarter go on) and
+        an eighth of the pool (the best two go on to the final stage)."""
+        n = offspring or max(8, min(32, units // 4))
+        if text:
+            try:
+                stages = tuple((int(w), int(k)) for w, k in (part.strip().split("x") for part in text.split(",")))
+            except ValueError:
+                raise ConfigError(f"--stages {text!r} is not a list such as 1x8,4x2 (windows x survivors).") from None
+        else:  # a child a window, then the best quarter on an eighth of the pool, then the best two on all of it
+            stages = ((1, max(2, n // 4)),) + (((pool // 8, 2),) if pool // 8 > 1 and n // 4 > 2 else ())
+        survivors = [k for _, k in stages]
+        if any(w < 1 or w >= pool for w, _ in stages) or survivors != sorted(survivors, reverse=True) \
+                or survivors[0] > n or survivors[-1] < 1:
+            raise ConfigError(f"--stages must draw 1 to {pool - 1} windows per stage (fewer than the {pool} "
+                              f"selection windows of the final stage) and keep fewer survivors at each stage, at "
+                              f"most --offspring ({n}).")
+        return cls(n, stages, pool, seed)
+
+    @property
+    def final(self) -> int:
+        return len(self.stages)
+
+    def need(self, stage: int) -> int:
+        """How many trials a stage of a generation scores."""
+        return self.offspring if stage == 0 else self.stages[stage - 1][1]
+
+    def windows(self, generation: int, stage: int) -> tuple[int, ...] | None:
+        """The selection windows a stage scores on (None: all of them, the final stage)."""
+        if stage >= self.final:
+            return None
+        rng = random.Random(f"{self.seed}:{generation}:{stage}")
+        return tuple(sorted(rng.sample(range(self.pool), self.stages[stage][0])))
+
+
+EVO_ATTR = "compactmind:evo"  # system attribute of a search trial: {"generation": g, "stage": s}
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A profile to score, and where it stands in the staged selection (generation None: a baseline or another
+    sampler's proposal, scored on every selection window)."""
+
+    profile: Profile
+    generation: int | None = None
+    stage: int | None = None
+    windows: tuple[int, ...] | None = None  # a non-final stage's selection windows
+
+    @property
+    def final(self) -> bool:
+        return self.windows is None
+
+
 @dataclass
 class LevelSpace:
     db: LevelDB
-    unit: str  # "block" or "linear"
+    granularity: str  # "block", "sublayer" or "linear"
     target_ratio: float
     dense_bytes: int
     quality: str  # the objective a profile is chosen on
+    schedule: Schedule | None = None
 
     @property
     def candidates(self) -> list:
@@ -91,17 +162,24 @@ class LevelSpace:
     def names(self) -> list[str]:
         return [u.name for u in self.db.units]
 
-    def suggest(self, trial: optuna.Trial) -> Profile:
-        top = len(self.db.levels) - 1
-        return Profile(tuple(trial.suggest_int(name, 0, top) for name in self.names))
+    def suggest(self, trial: optuna.Trial) -> Proposal:
+        profile = Profile(tuple(trial.suggest_int(name, 0, len(options) - 1)
+                                for name, options in zip(self.names, self.db.options)))
+        evo = trial.storage.get_trial_system_attrs(trial._trial_id).get(EVO_ATTR)
+        if evo is None or self.schedule is None:
+            return Proposal(profile)
+        g, s = evo["generation"], evo["stage"]
+        return Proposal(profile, g, s, self.schedule.windows(g, s))
 
-    def describe(self, profile: Profile) -> dict:
-        return {"candidate": ",".join(map(str, profile.levels)),
-                "pipeline": profile.describe(self.db.labels, self.unit),
-                "profile": list(profile.levels), "hybrid": False}
+    def describe(self, p: Proposal) -> dict:
+        key = ",".join(map(str, p.profile.levels))
+        staged = {} if p.generation is None else {"evo_generation": p.generation, "evo_stage": p.stage}
+        return {"candidate": key if p.final else f"{key}@g{p.generation}s{p.stage}",
+                "pipeline": self.db.describe(p.profile), "profile": list(p.profile.levels), "hybrid": False,
+                **staged}
 
-    def compress(self, executor: Executor, profile: Profile) -> Compressed:
-        return executor.assemble(self.db, profile)
+    def compress(self, executor: Executor, p: Proposal) -> Compressed:
+        return executor.assemble(self.db, p.profile)
 
     @staticmethod
     def profile_of(params: dict, names: list[str]) -> Profile:
@@ -116,6 +194,7 @@ class Scored:
     tokens: int
     seconds: float
     stopped: str | None
+    perplexity: float | None = None  # a KL score's perplexity on the same windows (the gap to the test figure)
 
 
 class Scorer:
@@ -139,13 +218,16 @@ class Scorer:
         means = running_mean(window_loss, self.seq_len)
         return [math.exp(min(m, 700.0)) for m in means] if self.capped else means
 
-    def score(self, executor: Executor, batch_size: int, stop=None) -> Scored:
+    def score(self, executor: Executor, batch_size: int, stop=None, subset: tuple[int, ...] | None = None) -> Scored:
+        """The quality on the windows (or the `subset` of them: a selection stage's draw)."""
+        windows = self.windows if subset is None else self.windows[list(subset)]
         if self.capped:
-            r = executor.evaluate(batch_size, stop, windows=self.windows)
+            r = executor.evaluate(batch_size, stop, windows=windows)
             return Scored(r.perplexity, r.window_nll, r.windows, r.tokens, r.seconds, r.stopped)
-        r = kl_divergence(executor.model, self.windows, self.reference(executor), batch_size, stop,
-                          executor.progress.window)
-        return Scored(r.kl, r.window_kl, r.windows, r.tokens, r.seconds, r.stopped)
+        reference = self.reference(executor)
+        reference = reference if subset is None else reference[list(subset)]
+        r = kl_divergence(executor.model, windows, reference, batch_size, stop, executor.progress.window)
+        return Scored(r.kl, r.window_kl, r.windows, r.tokens, r.seconds, r.stopped, r.perplexity)
 
     def prepare(self, executor: Executor) -> None:
         """Before any trial, on the pristine model: the dense model's next-token log-probabilities on the windows
@@ -164,5 +246,6 @@ class Scorer:
         """The figures a trial records; a candidate stopped early records its value as partial_<objective>."""
         p = self.prefix
         name = f"partial_{self.objective}" if result.stopped else self.objective
+        extra = {} if result.perplexity is None or result.stopped else {f"{p}perplexity": result.perplexity}
         return {name: result.value, f"{p}eval_seconds": result.seconds, f"{p}windows": result.windows,
-                f"{p}eval_tokens": result.tokens, self.loss_attr: [round(x, 4) for x in result.window_loss]}
+                f"{p}eval_tokens": result.tokens, self.loss_attr: [round(x, 4) for x in result.window_loss], **extra}
