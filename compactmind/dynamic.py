@@ -121,15 +121,18 @@ class Option:
 def _ledger_json(e: Entry) -> dict:
     f = e.format
     return {"bits": f.bits, "scaled": f.scaled, "group_size": f.group_size, "zero_point": f.zero_point,
-            "sparsity": f.sparsity.value, "n": f.n, "m": f.m, "cast": f.cast, "ggml": f.ggml, "pruned": e.pruned}
+            "sparsity": f.sparsity.value, "n": f.n, "m": f.m, "cast": f.cast, "ggml": f.ggml, "float8": f.float8,
+            "scale_bits": f.scale_bits, "pruned": e.pruned}
 
 
 def _entry_from(ledger: dict, spec: dict, name: str, tensors) -> Entry:
     fmt = TensorFormat(bits=ledger["bits"], scaled=ledger["scaled"], group_size=ledger["group_size"],
                        zero_point=ledger["zero_point"], sparsity=Sparsity(ledger["sparsity"]), n=ledger["n"],
-                       m=ledger["m"], cast=ledger.get("cast"), ggml=ledger.get("ggml"))
+                       m=ledger["m"], cast=ledger.get("cast"), ggml=ledger.get("ggml"), float8=ledger.get("float8"),
+                       scale_bits=ledger.get("scale_bits", 16))
+    act = (spec.get("act_quant") or "").removeprefix("per_token_") or None
     if fmt.ggml:
-        return Entry(fmt, None, ledger["pruned"], False)
+        return Entry(fmt, None, ledger["pruned"], None)
     qparams = None
     if fmt.scaled:
         scale = tensors(f"{name}.scale")
@@ -137,7 +140,7 @@ def _entry_from(ledger: dict, spec: dict, name: str, tensors) -> Entry:
                 if fmt.zero_point else torch.full(scale.shape, 2 ** (fmt.bits - 1), dtype=torch.uint8))
         groups = tensors(f"{name}.group_index").long() if f"{name}.group_index" in tensors.names else None
         qparams = QuantParams(scale, zero, groups)
-    return Entry(fmt, qparams, ledger["pruned"], spec.get("act_quant") == "per_token_int8")
+    return Entry(fmt, qparams, ledger["pruned"], act)
 
 
 class _Tensors:
@@ -436,7 +439,7 @@ class LevelDB:
                 record(owner, pname, qparams=e.qparams, pruned=e.pruned, act_quant=e.act_quant, grid=e.grid,
                        **vars(e.format))
                 if e.act_quant:
-                    owner.register_forward_pre_hook(packed.per_token_int8)
+                    owner.register_forward_pre_hook(packed.ACTIVATION_HOOKS[e.act_quant])
             out.append(module.to(self._device))
         return tuple(out)
 

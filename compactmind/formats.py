@@ -9,9 +9,9 @@ weights a pruning step zeroed, and whether the module quantizes its inputs per t
 
 The stored tensors (bytes, exactly as export.py writes them):
   values       float values (numel x bits / 8), or only the kept ones when sparse
-  codes        k-bit integer codes, bit-packed: ceil(count x k / 8)
+  codes        k-bit integer codes, bit-packed: ceil(count x k / 8); FP8 values, a byte each
   mask         1 bit per weight, bit-packed, when the sparse layout is smaller than the dense one
-  scale        FP16, one per output row and group: rows x groups x 2
+  scale        FP16 (FP32 for FP8), one per output row and group (or one for the tensor): rows x groups x 2 (4)
   zero         k-bit zero points, bit-packed, when asymmetric: ceil(rows x groups x k / 8)
   group_index  int32 per input column, when structured pruning removed columns after quantization
   ggml         a llama.cpp block type's bytes (ggml.py): ggml.bytes_of(type, numel), scales and codes together
@@ -31,7 +31,6 @@ LEDGER = "_cm_ledger"
 FLOAT_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _FLOATS_BY_BITS = {16: (torch.float16, torch.bfloat16), 32: (torch.float32,),
                    None: (torch.float16, torch.bfloat16, torch.float32)}
-SCALE_BYTES = 2  # FP16 scales
 GROUP_INDEX_BYTES = 4  # int32
 
 
@@ -52,6 +51,8 @@ class TensorFormat:
     m: int = 0
     cast: str | None = None  # the 16-bit float type a cast stored the values in: "float16" or "bfloat16"
     ggml: str | None = None  # a llama.cpp block type ("Q4_K", ...; ggml.TYPES): its blocks hold the weight
+    float8: str | None = None  # "e4m3": the codes are FP8 values (times the scale), not integers
+    scale_bits: int = 16  # the scales' storage: FP16, or FP32 (FP8's, as vLLM loads them)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Entry:
     format: TensorFormat = TensorFormat()
     qparams: QuantParams | None = None
     pruned: int = 0  # weights a pruning step set to zero (the mask, not zeros that rounding produced)
-    act_quant: bool = False  # inputs quantized per token to INT8 at every forward (W8A8)
+    act_quant: str | None = None  # "int8" or "fp8": inputs quantized per token at every forward (W8A8)
     grid: object | None = None  # ggml.Grid of a ggml-typed weight: its blocks' stored scales (codes = nearest)
 
 
@@ -79,7 +80,7 @@ def get_format(module: nn.Module, param: str = "weight") -> TensorFormat:
 
 
 def record(module: nn.Module, param: str = "weight", *, qparams: QuantParams | None | bool = False,
-           pruned: int | None = None, act_quant: bool | None = None, grid: object | bool = False,
+           pruned: int | None = None, act_quant: str | None | bool = False, grid: object | bool = False,
            **format_changes) -> None:
     """Record how `module.<param>` would be stored, composing with what earlier steps recorded
     (qparams=False and grid=False leave them as they are; None clears them)."""
@@ -89,7 +90,7 @@ def record(module: nn.Module, param: str = "weight", *, qparams: QuantParams | N
         format=dataclasses.replace(old.format, **format_changes),
         qparams=old.qparams if qparams is False else qparams,
         pruned=old.pruned if pruned is None else pruned,
-        act_quant=old.act_quant if act_quant is None else act_quant,
+        act_quant=old.act_quant if act_quant is False else act_quant,
         grid=old.grid if grid is False else grid)
     module.__dict__[LEDGER] = ledger
 
@@ -158,7 +159,7 @@ def layout(weight: torch.Tensor, e: Entry, baseline_bits: int) -> Layout:
     if fmt.scaled and e.qparams is not None:
         rows, groups = e.qparams.scale.shape
         parts["codes"] = value_bytes(kept)
-        parts["scale"] = rows * groups * SCALE_BYTES
+        parts["scale"] = rows * groups * fmt.scale_bits // 8
         if fmt.zero_point:
             parts["zero"] = packed_bytes(rows * groups, bits)
         if e.qparams.column_group is not None:

@@ -17,7 +17,8 @@ per stored tensor NAME (a state-dict name):
     sparse       true: only the kept weights are stored, with a bitmap of the kept positions
 and under "format"/"removed" the modules depth pruning removed (path -> identity_block | zero_attention |
 zero_mlp | identity): the loader puts those modules in their place (they have no weights).
-    act_quant    "per_token_int8": inputs are quantized per token to int8 at every forward (W8A8), else null
+    act_quant    "per_token_int8" / "per_token_fp8": inputs quantized per token at every forward (W8A8), else null
+    float8       "e4m3": the codes are FP8 E4M3 values, a byte each, times NAME.scale (FP32, per row or one)
 and model.safetensors holds, for NAME:
     NAME                 float values (dense, not quantized)
     NAME.values          float values of the kept positions, row-major (sparse, not quantized)
@@ -71,7 +72,11 @@ def unpack_tensor(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> to
     if spec.get("sparse"):
         mask = unpack_bits(tensors[f"{name}.mask"], 1, numel).bool()
     kept = numel if mask is None else int(mask.sum())
-    if spec.get("bits") is None:
+    if spec.get("float8"):
+        fp8 = tensors[f"{name}.codes"].view(torch.float8_e4m3fn).to(torch.float32)
+        scale = tensors[f"{name}.scale"].to(torch.float32).expand(shape[0], shape[1]).reshape(-1)
+        values = fp8 * (scale if mask is None else scale[mask])
+    elif spec.get("bits") is None:
         values = tensors[f"{name}.values"].to(torch.float32) if mask is not None else tensors[name]
     else:
         bits = spec["bits"]
@@ -109,6 +114,25 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 def per_token_int8(_module, args):
     """Forward pre-hook: the module's input quantized per token to INT8 (W8A8)."""
     return (quantize_per_token(args[0], 8),) + tuple(args[1:])
+
+
+FP8_MAX = 448.0  # the largest E4M3 value
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token FP8 (E4M3) activations, as vLLM's W8A8-FP8 kernels make them: one scale max|x| / 448 per
+    token, values rounded to E4M3."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return ((xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def per_token_fp8(_module, args):
+    """Forward pre-hook: the module's input quantized per token to FP8 (W8A8-FP8)."""
+    return (quantize_per_token_fp8(args[0]),) + tuple(args[1:])
+
+
+ACTIVATION_HOOKS = {"int8": per_token_int8, "fp8": per_token_fp8}
 
 
 class IdentityBlock(torch.nn.Module):
@@ -195,8 +219,9 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device: str | tor
         model.tie_weights()
     modules = dict(model.named_modules())
     for name, spec in specs.items():
-        if spec.get("act_quant") == "per_token_int8":
-            modules[name.rpartition(".")[0]].register_forward_pre_hook(per_token_int8)
+        kind = (spec.get("act_quant") or "").removeprefix("per_token_")
+        if kind:
+            modules[name.rpartition(".")[0]].register_forward_pre_hook(ACTIVATION_HOOKS[kind])
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 

@@ -24,11 +24,15 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
     fmt, plan = e.format, layout(w, e, baseline_bits)
     mask = (w != 0).reshape(-1) if plan.sparse else None
     spec = {"shape": list(w.shape), "bits": None, "group_size": 0, "zero_point": False, "sparse": plan.sparse,
-            "act_quant": "per_token_int8" if e.act_quant else None}
+            "act_quant": f"per_token_{e.act_quant}" if e.act_quant else None}
     out = {} if mask is None else {f"{name}.mask": packed.pack_bits(mask.to(torch.uint8), 1)}
     if "ggml" in plan.parts:
         out[f"{name}.ggml"] = _ggml_bytes(name, w, e)
         spec.update(ggml=fmt.ggml, dtype=FLOAT_NAMES[getattr(module, param).dtype])
+    elif "codes" in plan.parts and fmt.float8:
+        out.update(_fp8_parts(name, w, e, mask))
+        spec.update(bits=8, float8=fmt.float8, scale_shape=list(e.qparams.scale.shape),
+                    dtype=FLOAT_NAMES[getattr(module, param).dtype])
     elif "codes" in plan.parts:
         bits, q = fmt.bits, e.qparams
         rows, cols = w.shape
@@ -75,6 +79,18 @@ def _ggml_bytes(name: str, w: torch.Tensor, e) -> torch.Tensor:
         raise RuntimeError(f"{name}: the weight is not on its recorded {e.format.ggml} grid (a later step changed "
                            "it); it cannot be stored.")
     return torch.from_numpy(ggml.encode(e.grid, codes)).reshape(-1)
+
+
+def _fp8_parts(name: str, w: torch.Tensor, e, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """An FP8 weight's values (a byte each; the kept ones when sparse) and its FP32 scales, checked to give back
+    exactly the weight."""
+    scale = e.qparams.scale.float().cpu()
+    values = (w / scale).to(torch.float8_e4m3fn)
+    if not torch.equal(values.float() * scale, w):
+        raise RuntimeError(f"{name}: the weight is not on its recorded FP8 grid (a later step changed it); it cannot "
+                           "be stored.")
+    codes = values.view(torch.uint8).reshape(-1)
+    return {f"{name}.codes": (codes if mask is None else codes[mask]).contiguous(), f"{name}.scale": scale.contiguous()}
 
 
 def packed_state(model: nn.Module, baseline_bits: int) -> tuple[dict, dict]:

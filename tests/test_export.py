@@ -180,7 +180,7 @@ def _tiny_step(name: str) -> str:
     """Each method at a setting the tiny model takes (group size 32 divides its widths)."""
     settings = {"rtn": "rtn(bits=3, group_size=32)", "gptq": "gptq(bits=4, group_size=32)",
                 "awq": "awq(bits=4, group_size=32)", "l2_pruning": "l2_pruning(sparsity=0.5, scope=both)",
-                "int8_sq": "int8_sq(alpha=0.5)", "magnitude_nm": "magnitude_nm(pattern=4:8)"}
+                "int8_sq": "int8_sq(alpha=0.5)", "magnitude_nm": "magnitude_nm(pattern=4:8)", "fp8": "fp8"}
     from compactmind.registry import get_method
 
     if name in settings:
@@ -192,7 +192,7 @@ def _tiny_step(name: str) -> str:
 def _every_method_and_hybrid_order() -> list[str]:
     from compactmind.registry import Kind, all_methods
 
-    methods = all_methods()
+    methods = {n: m for n, m in all_methods().items() if n != "gguf"}  # gguf: its own byte test (test_gguf.py)
     prune = [n for n, m in methods.items() if m.kind == Kind.PRUNING]
     quant = [n for n, m in methods.items() if m.kind == Kind.QUANTIZATION]
     singles = [_tiny_step(n) for n in sorted(methods)]
@@ -214,3 +214,28 @@ def test_the_exported_tensors_take_exactly_the_recorded_bytes(text, tmp_path):
 
     with safe_open(str(tmp_path / "out" / packed.WEIGHTS), "pt") as f:
         assert sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()) == recorded
+
+
+@pytest.mark.parametrize("spec", ["fp8", "fp8(scheme=w8a16, scales=tensor)"])
+def test_fp8_exports_as_float_quantized_to_exactly_the_evaluated_weights(tmp_path, spec):
+    from transformers import AutoModelForCausalLM
+
+    from compactmind.models import block_linears
+
+    model = tiny_model()
+    reference = Reference.of(model)
+    pl.apply_(model, pl.parse(spec), None, 0)
+    linears = block_linears(model)
+    per_tensor = "tensor" in spec
+    scales = sum(1 if per_tensor else lin.out_features for _, lin in linears)
+    rest = sum(p.numel() * 2 for n, p in model.named_parameters() if "layers." not in n or "norm" in n)
+    assert measure(model, reference).model_bytes == sum(lin.weight.numel() for _, lin in linears) + 4 * scales + rest
+    manifest = compressed_tensors.write(model, None, tmp_path / "ct", {"pipeline": spec})
+    assert manifest["format"]["format"] == "float-quantized"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), name
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    scheme = next(iter(config["config_groups"].values()))
+    assert scheme["weights"]["type"] == "float" and scheme["weights"]["num_bits"] == 8
+    assert (scheme.get("input_activations") or {}).get("dynamic") is (True if "w8a16" not in spec else None)

@@ -7,6 +7,8 @@ quantized becomes a quantization scheme in config.json's `quantization_config`, 
     `pack-quantized` (W{k}A16): codes packed into int32, `weight_scale` per group (or per output channel),
     `weight_zero_point` packed likewise when asymmetric. compactmind's unsigned codes c with zero point z become
     the signed codes c - 2^(k-1) with zero point z - 2^(k-1): the same weights, bit for bit.
+  - FP8 (E4M3) weights: format `float-quantized`, FP8 values with FP32 scales per channel or per tensor; with
+    W8A8-FP8 activations quantized per token, dynamically (vLLM's FP8 kernels on H100/H200).
   - SmoothQuant W8A8: format `int-quantized`: int8 weights with a scale per output channel, activations
     quantized per token, dynamically, at every forward (int8 kernels in vLLM).
   - weights outside the quantized linears are stored in the narrowest float type that holds them exactly.
@@ -58,24 +60,17 @@ def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits:
         e = entry(linear)
         if not e.format.scaled:
             continue
-        f, half, cols = e.format, 2 ** (e.format.bits - 1), linear.in_features
-        group = f.group_size if f.group_size and f.group_size < cols else None  # one group per row: a channel
-        if group and cols % group:
-            raise ConfigError(f"{name} has {cols} input columns, not a multiple of group_size {group}; "
-                              "compressed-tensors stores whole groups only; use --format packed.")
-        weights = QuantizationArgs(num_bits=f.bits, type="int", symmetric=not f.zero_point,
-                                   strategy="group" if group else "channel", group_size=group)
-        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) \
-            if e.act_quant else None
+        weights, acts, kind = _scheme_args(name, linear, e, QuantizationArgs)
         scheme = QuantizationScheme(targets=[name], weights=weights, input_activations=acts)
         state = {"weight": linear.weight.detach().float().cpu(), "weight_scale": e.qparams.scale.float().cpu()}
-        if f.zero_point:
+        if e.format.zero_point:
+            half = 2 ** (e.format.bits - 1)
             state["weight_zero_point"] = (e.qparams.zero.to(torch.int16) - half).to(torch.int8).cpu()
-        compressor = NaiveQuantizationCompressor if e.act_quant else PackedQuantizationCompressor
+        compressor = PackedQuantizationCompressor if kind == PACKED else NaiveQuantizationCompressor
         for key, value in compressor.compress(state, scheme).items():
             tensors[f"{name}.{key}"] = value.contiguous()  # FP16 values, kept in FP32: dequantized exactly
         key = json.dumps([weights.model_dump(), acts.model_dump() if acts else None], sort_keys=True, default=str)
-        groups.setdefault(key, (weights, acts, e.act_quant, []))[3].append(name)
+        groups.setdefault(key, (weights, acts, kind, []))[3].append(name)
         quantized.add(f"{name}.weight")
     if not groups:
         raise ConfigError("This trial quantizes no layer, so compressed-tensors has nothing to describe; use "
@@ -87,18 +82,42 @@ def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits:
     config = QuantizationConfig(
         config_groups={f"group_{i}": QuantizationScheme(targets=names, weights=w, input_activations=a)
                        for i, (w, a, _, names) in enumerate(groups.values())},
-        format="int-quantized" if formats == {True} else "pack-quantized" if formats == {False} else "mixed-precision",
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"])
     qc = {**config.model_dump(exclude_none=True), "quant_method": "compressed-tensors", "dequantize": True}
-    if formats == {True, False}:  # per-group formats
-        for group in qc["config_groups"].values():
-            group["format"] = "int-quantized" if group.get("input_activations") else "pack-quantized"
+    if qc["format"] == "mixed-precision":  # each group says its own format
+        for group, (_, _, kind, _) in zip(qc["config_groups"].values(), groups.values()):
+            group["format"] = kind
     dtype = "float16" if all(t.dtype == torch.float16 for t in rest.values()) else "float32"
-    manifest = {**manifest, "format": {"name": "compressed-tensors", "format": qc["format"]},
+    manifest = {**manifest, "format": {"name": "compressed-tensors", "format": qc["format"],
+                                       "activations": any(g[1] is not None for g in groups.values())},
                 "stored_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     atomic_folder(out, lambda folder: save(model, tokenizer, folder, tensors,
                                             hf_config(model, {"quantization_config": qc}, dtype), manifest))
     return manifest
+
+
+PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
+
+
+def _scheme_args(name: str, linear: nn.Linear, e, QuantizationArgs):
+    """(weight args, activation args or None, compressed-tensors format) of one quantized linear."""
+    f, cols = e.format, linear.in_features
+    if f.float8:
+        strategy = "tensor" if e.qparams.scale.numel() == 1 else "channel"
+        weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True) \
+            if e.act_quant == "fp8" else None
+        return weights, acts, FLOAT
+    group = f.group_size if f.group_size and f.group_size < cols else None  # one group per row: a channel
+    if group and cols % group:
+        raise ConfigError(f"{name} has {cols} input columns, not a multiple of group_size {group}; "
+                          "compressed-tensors stores whole groups only; use --format packed.")
+    weights = QuantizationArgs(num_bits=f.bits, type="int", symmetric=not f.zero_point,
+                               strategy="group" if group else "channel", group_size=group)
+    acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) \
+        if e.act_quant else None
+    return weights, acts, INT if acts else PACKED
 
 
 def refusal(pipelines: list[list[str]]) -> str | None:
@@ -106,7 +125,7 @@ def refusal(pipelines: list[list[str]]) -> str | None:
 
 
 def tolerance(manifest: dict) -> float:
-    return TOLERANCE if manifest["format"].get("format") == "pack-quantized" else W8A8_TOLERANCE
+    return W8A8_TOLERANCE if manifest["format"].get("activations") else TOLERANCE
 
 
 def reload(folder: Path, device) -> nn.Module:

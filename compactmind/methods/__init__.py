@@ -3,6 +3,7 @@
 from compactmind.methods import (  # noqa: F401
     _awq,
     _cast,
+    _fp8,
     _gguf,
     _gptq,
     _int8_sq,

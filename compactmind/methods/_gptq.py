@@ -5,12 +5,17 @@ Weight-only quantization as layer-wise reconstruction: with the layer Hessian H 
 inputs, each column is rounded in turn and its rounding error is distributed over the columns not yet
 quantized through the Cholesky factor of H^-1 (the OBQ update, applied in lazy blocks of 128 columns).
 Dampening adds `damp` times the mean diagonal to H for stability; act_order processes columns by decreasing
-H_jj (the most sensitive first); group scales are fixed on contiguous column groups ("static groups"), so the
-packed layout is the same as RTN's. Weights that an earlier pruning step zeroed stay zero. Statistics come from
+H_jj (the most sensitive first); groups are contiguous input columns, so the packed layout is the same as RTN's,
+and a group's scale is chosen when the loop first reaches one of its columns. Weights that an earlier pruning step zeroed stay zero. Statistics come from
 the shared layer-by-layer calibration loop. Embeddings, norms and the head are kept in FP16.
 
 Parameters: `bits`, `group_size` (0: per output channel), `symmetric`, `act_order`, `damp` (fraction of the
-mean Hessian diagonal added to it; the paper uses 0.01).
+mean Hessian diagonal added to it; the paper uses 0.01), `static_groups` (a group's scale and zero point from
+the original weights before the loop, instead of from the weights as the error feedback has left them when the
+loop first reaches the group: the reference's default, and on SmolLM2 W4 g64 symmetric 45.8 / 47.8 against
+48.9 / 48.1 static, calibration seeds 0 / 1), `true_sequential` (the block's linears in stages, q/k/v, o,
+gate/up, down, each stage's Hessians taken after the earlier stages are quantized: 2-3x the calibration time and
+no better here, 45.9 / 48.0).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class GPTQ(WeightQuantizer):
         act_order: bool = True
         damp: float = 0.01
         static_groups: bool = False
-        true_sequential: bool = True
+        true_sequential: bool = False
 
         def __post_init__(self):
             super().__post_init__()
@@ -45,8 +50,9 @@ class GPTQ(WeightQuantizer):
 
     space = {"bits": Categorical([3, 4]), "group_size": Categorical([128, 0]), "symmetric": Categorical([False]),
              "act_order": Categorical([True, False]), "damp": Categorical([0.01]),
-             "static_groups": Categorical([False]), "true_sequential": Categorical([True])}
-    version = 2  # 2: groups fitted when first reached (dynamic), true-sequential stages
+             "static_groups": Categorical([False, True], searched=[False]),
+             "true_sequential": Categorical([False, True], searched=[False])}
+    version = 2  # 2: groups fitted when first reached (dynamic groups, the reference's default)
 
     @torch.no_grad()
     def apply_(self, model, params, calib, seed):

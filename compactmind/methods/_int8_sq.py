@@ -80,7 +80,7 @@ class Int8SmoothQuant(Method):
         for _, linear in block_linears(model):
             write_quantized_(linear, quantize_per_row(linear.weight, 8), 8, None, symmetric=True)
             linear.register_forward_pre_hook(per_token_int8)
-            record(linear, "weight", act_quant=True)
+            record(linear, "weight", act_quant="int8")
         cast_rest_to_fp16_(model)
 
 

@@ -111,14 +111,17 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantize_column, act_order: boo
     cols]: where False the weight is 0 (pruned) and stays 0. Returns the quantized weight, original order."""
     from compactmind.methods._sparse import prepare_hessian
 
-    W = W.float().clone()
     rows, cols = W.shape
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     position = torch.argsort(perm)
-    W, H = W[:, perm], H[perm][:, perm]
-    keep = keep[:, perm] if keep is not None else None
-    Hinv = prepare_hessian(H, W, damp)
-    Q = torch.zeros_like(W)
+    if act_order:  # one copy each, permuted (the caller's H is an accumulator: never changed here)
+        W, H = W.float()[:, perm], H[perm.unsqueeze(1), perm.unsqueeze(0)]
+        keep = keep[:, perm] if keep is not None else None
+    else:
+        W = W.float().clone()
+    Hinv = prepare_hessian(H, W, damp, inplace=act_order)
+    del H
+    Q = torch.empty_like(W)  # in the original column order
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
@@ -131,15 +134,16 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantize_column, act_order: boo
                 out[:, p >= i2] = W[:, later] - Err1[:, :i] @ Hinv[i1:i1 + i, later]
                 return out
 
-            q = quantize_column(int(perm[i1 + i]), W1[:, i], current)
+            j = int(perm[i1 + i])
+            q = quantize_column(j, W1[:, i], current)
             if keep is not None:
                 q = q * keep[:, i1 + i]
-            Q[:, i1 + i] = q
+            Q[:, j] = q
             err = (W1[:, i] - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, position]
+    return Q
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,

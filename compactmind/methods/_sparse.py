@@ -39,16 +39,19 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float) -> torch.Tensor:
+def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor:
     """Dead inputs get H_jj = 1 and zero weight; add damp * mean(diag H) to the diagonal; return the upper
-    Cholesky factor of H^-1 (the rows OBS updates read)."""
-    H = H.clone()
+    Cholesky factor of H^-1 (the rows OBS updates read). At most two n x n matrices besides H exist at once
+    (inplace: H itself, a copy the caller made, is used up)."""
+    H = H if inplace else H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     L = torch.linalg.cholesky(H)
+    del H
     Hinv = torch.cholesky_inverse(L)
+    del L
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
@@ -60,7 +63,7 @@ def sparsegpt_(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, nm: tupl
     W = W.float().clone()
     rows, cols = W.shape
     Hinv = prepare_hessian(H, W, damp)
-    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
