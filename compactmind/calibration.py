@@ -7,6 +7,7 @@ per study. A method that runs after another step sees a changed model and measur
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,18 +126,20 @@ def sequential_(model: nn.Module, calib: Calibration, collect: Callable[[str, nn
     linears reading one input together (q/k/v, then o, then gate/up, then down), each stage's statistics taken
     with the earlier stages already compressed. Only the current block's statistics exist at any time.
     """
-    from compactmind.models import decoder_layers
+    from compactmind.models import decoder_layers, onloader_of
 
     layers = decoder_layers(model)
+    onloader = onloader_of(model)
     inputs, kwargs = capture_block_inputs(model, calib.samples, layers)
     for i, layer in enumerate(layers):
         interrupt.checkpoint()
         samples = list(zip(inputs, kwargs))
-        for only in _stages(layer, samples[0]) if true_sequential else [None]:
-            stats = _statistics(layer, samples, collect, only)
-            solve_block(i, layer, stats, samples)
-            del stats
-        inputs = [_block_out(layer(x, **kw)) for x, kw in samples]
+        with onloader.onloaded(i) if onloader is not None else contextlib.nullcontext():
+            for only in _stages(layer, samples[0]) if true_sequential else [None]:
+                stats = _statistics(layer, samples, collect, only)
+                solve_block(i, layer, stats, samples)
+                del stats
+            inputs = [_block_out(layer(x, **kw)) for x, kw in samples]
         if calib.on_block:
             calib.on_block(calib.step, i + 1, len(layers))
 

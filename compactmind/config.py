@@ -31,7 +31,7 @@ GRANULARITIES = ("block", "sublayer", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that belong to one process, not to the study: a worker or a resumed run brings its own.
-LOCAL_FIELDS = ("gpu", "cpu", "storage", "study_name", "output_dir", "n_trials", "timeout")
+LOCAL_FIELDS = ("gpu", "cpu", "offload", "storage", "study_name", "output_dir", "n_trials", "timeout")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class RunConfig:
     data_path: str | None = None
     calib_path: str | None = None
     target_ratio: float = 0.5
+    target_bpw: float | None = None  # instead of target_ratio: bits per weight over every weight (a file size)
     dtype: str = "auto"
     seq_len: int | None = None  # None: min(2048, the model's context)
     max_eval_windows: int | None = None
@@ -69,6 +70,7 @@ class RunConfig:
     levels_dir: str | None = None  # where a dynamic study's level database lives (default: beside the storage)
     gpu: bool = False
     cpu: bool = False
+    offload: bool = False  # decoder blocks in host memory, each on the device only while it is in use
     storage: str = dataclasses.field(default_factory=default_storage)
     study_name: str | None = None
     output_dir: str | None = None
@@ -78,6 +80,8 @@ class RunConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
+        if self.target_bpw is not None:
+            object.__setattr__(self, "target_ratio", 1.0 - self.target_bpw / self.baseline_bits)
         if self.strategy is None:
             object.__setattr__(self, "strategy", "evopress" if self.dynamic else "grid")
         if self.objectives is None:
@@ -95,7 +99,9 @@ class RunConfig:
 
         rules = [
             (0.0 <= self.target_ratio < 1.0, f"--target_ratio must be a number from 0 up to (not including) 1, got "
-                                             f"{self.target_ratio}."),
+                                             f"{self.target_ratio}." if self.target_bpw is None else
+                                             f"--target_bpw must be above 0 and at most {self.baseline_bits} (the "
+                                             f"baseline precision), got {self.target_bpw}."),
             (self.strategy in STRATEGIES, f"Unknown strategy {self.strategy!r}; choose one of: "
                                           f"{', '.join(STRATEGIES)}."),
             (self.dtype in DTYPES, f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}."),
@@ -125,6 +131,8 @@ class RunConfig:
             (self.offspring is None or self.offspring >= 2, f"--offspring must be at least 2, got {self.offspring}."),
             (self.random_profiles is None or self.random_profiles >= 0,
              f"--random_profiles must be 0 or more, got {self.random_profiles}."),
+            (not (self.offload and self.dynamic), "--offload runs static studies (a dynamic study swaps whole units "
+                                                  "on the device); drop one of them."),
             (self.dynamic or not (self.depth or self.embedding_units), "--depth and --embedding_units shape a "
                                                                         "dynamic study's units; add --dynamic."),
         ]

@@ -435,7 +435,8 @@ class LevelDB:
                 value, e = _unpack_param(f"{path}.{local}", item, tensors)
                 owner_name, _, pname = local.rpartition(".")
                 owner = module.get_submodule(owner_name) if owner_name else module
-                owner._parameters[pname] = nn.Parameter(value.to(self._device), requires_grad=False)
+                held = owner._parameters[pname].dtype  # the model's dtype, whatever type stored the values
+                owner._parameters[pname] = nn.Parameter(value.to(self._device, held), requires_grad=False)
                 record(owner, pname, qparams=e.qparams, pruned=e.pruned, act_quant=e.act_quant, grid=e.grid,
                        **vars(e.format))
                 if e.act_quant:
@@ -535,8 +536,11 @@ def embedding_options(db: "LevelDB", unit: Unit) -> list[tuple[Option, Callable[
         return lambda m: write_quantized_(m, rtn_quantize(m.weight.float(), bits, group, False), bits, group, False)
 
     types = _gguf_types(db)
-    if types:
-        choices = {t: (lambda m, t=t: store_(m, "weight", t)) for t in sorted({"Q8_0", "Q6_K", *types})}
+    if types:  # each by the type it is stored in (a width a K-quant cannot hold takes llama.cpp's fallback)
+        from compactmind.llamacpp import fitting
+
+        stored = sorted({fitting(t, cols) for t in ("Q8_0", "Q6_K", *types)} - {"F16"})
+        choices = {t: (lambda m, t=t: store_(m, "weight", t)) for t in stored}
     else:
         from compactmind.formats import narrow_to
 

@@ -36,7 +36,10 @@ def load(cfg: RunConfig) -> tuple[models.LoadedModel, data_mod.Dataset]:
     dtype = models.pick_dtype(cfg.dtype, device)
     texts = data_mod.resolve_sources(cfg.data_path, cfg.calib_path).read()
     log.info("loading model %s on %s (%s)", cfg.model_path or "default (SmolLM2-135M)", device, str(dtype)[6:])
-    loaded = models.load_model(cfg.model_path, device, dtype)
+    loaded = models.load_model(cfg.model_path, torch.device("cpu") if cfg.offload else device, dtype)
+    if cfg.offload:
+        models.Onloader(loaded.model, device)
+        loaded.device = device
     limit = loaded.max_positions or 2048
     seq_len = cfg.seq_len or min(2048, limit)
     if seq_len > limit:
@@ -69,6 +72,12 @@ class Executor:
         self.snapshot = models.Snapshot(loaded.model) if reusable else None
         self._state = "pristine"  # or "compressed", or "assembled" (a dynamic profile's units swapped in)
         self.assembly = None  # dynamic.Assembly: the profile the model holds, while assembled
+
+    def use(self, data: data_mod.Dataset, seed: int) -> None:
+        """Other data and seed for the next pipelines on the same model (one snapshot: another calibration draw
+        of the same protocol, as scripts/quality.py measures)."""
+        self.data, self.seed = data, seed
+        self.calibration = Calibration(data.calib, on_block=self.progress.block)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,85 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     layers, prefix = decoder_layers(model), blocks_prefix(model)
     return [(f"{prefix}.{i}.{name}", m) for i, layer in enumerate(layers)
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+# ---- sequential onloading: blocks on the host, the one in use on the device -------------------------------
+
+
+class Onloader:
+    """Keeps a model's decoder blocks in host memory and brings one at a time to the device (llm-compressor's
+    sequential onloading): for the calibration loop, a block stays on the device while it is compressed and its
+    weights are written back to the host when it leaves; for an evaluation, each block comes for its forward and
+    goes after it. Everything else (embeddings, final norm, head) lives on the device. A block's parameters are
+    its host tensors between uses, so the snapshot, the size accounting and exports see them as they are."""
+
+    ATTR = "_cm_onloader"
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device = model, torch.device(device)
+        self.layers = decoder_layers(model)
+        ids = {id(p) for layer in self.layers for p in layer.parameters()}
+        for module in model.modules():  # everything outside the blocks on the device
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) not in ids:
+                    p.data = p.data.to(self.device)
+            for name, b in list(module._buffers.items()):
+                if b is not None and not any(b is x for layer in self.layers for x in layer.buffers()):
+                    module._buffers[name] = b.to(self.device)
+        for layer in self.layers:
+            layer.to("cpu")
+        self._hooks = [h for i, layer in enumerate(self.layers)
+                       for h in (layer.register_forward_pre_hook(lambda m, a, i=i: self._come(i)),
+                                 layer.register_forward_hook(lambda m, a, o, i=i: self._go(i, False)))]
+        self._held: set[int] = set()  # blocks brought here by `onloaded`: the forward hooks leave them alone
+        self._host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        model.__dict__[self.ATTR] = self
+
+    def _tensors(self, i: int) -> list[torch.Tensor]:
+        return list(self.layers[i].parameters()) + list(self.layers[i].buffers())
+
+    def _come(self, i: int) -> None:
+        if i in self._held or i in self._host:
+            return
+        tensors = self._tensors(i)
+        self._host[i] = [(t, t.data) for t in tensors]
+        with torch.inference_mode(False):  # ordinary tensors, whatever mode the caller runs in
+            for t in tensors:
+                t.data = t.data.to(self.device, copy=True).clone()
+
+    def _go(self, i: int, write_back: bool) -> None:
+        if i in self._held or i not in self._host:
+            return
+        host = {id(t): data for t, data in self._host.pop(i)}
+        with torch.inference_mode(False):
+            for t in self._tensors(i):
+                kept = host.get(id(t))
+                if kept is not None and (not write_back or kept.shape == t.data.shape):
+                    if write_back:
+                        kept.copy_(t.data)
+                    t.data = kept
+                else:  # a tensor a method made or resized while the block was here (structured pruning)
+                    t.data = t.data.to("cpu", copy=True).clone()
+
+    @contextlib.contextmanager
+    def onloaded(self, i: int):
+        """Block i on the device for as long as the block lasts; its weights written back to the host after."""
+        self._come(i)
+        self._held.add(i)
+        try:
+            yield self.layers[i]
+        finally:
+            self._held.discard(i)
+            self._go(i, True)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.model.__dict__.pop(self.ATTR, None)
+
+
+def onloader_of(model: nn.Module) -> Onloader | None:
+    return model.__dict__.get(Onloader.ATTR)
 
 
 # ---- snapshot / restore ----------------------------------------------------------------------------------

@@ -17,8 +17,15 @@ from compactmind.footprint import parameters
 from compactmind.formats import FLOAT_NAMES, entry, exact_float_dtype, layout
 
 
+def on_grid(values: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether grid values are the evaluated weight w (float32, from a tensor of `dtype`): equal once rounded to
+    the dtype the model holds them in (a BF16 or FP16 model evaluates its grid values rounded so)."""
+    return torch.equal(values.to(dtype).float(), w)
+
+
 def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) -> tuple[dict, dict]:
     """(manifest entry, stored tensors) for one parameter, as its layout says."""
+    held = getattr(module, param).dtype
     w = getattr(module, param).detach().float().cpu()
     e = entry(module, param)
     fmt, plan = e.format, layout(w, e, baseline_bits)
@@ -27,10 +34,10 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
             "act_quant": f"per_token_{e.act_quant}" if e.act_quant else None}
     out = {} if mask is None else {f"{name}.mask": packed.pack_bits(mask.to(torch.uint8), 1)}
     if "ggml" in plan.parts:
-        out[f"{name}.ggml"] = _ggml_bytes(name, w, e)
+        out[f"{name}.ggml"] = _ggml_bytes(name, w, e, held)
         spec.update(ggml=fmt.ggml, dtype=FLOAT_NAMES[getattr(module, param).dtype])
     elif "codes" in plan.parts and fmt.float8:
-        out.update(_fp8_parts(name, w, e, mask))
+        out.update(_fp8_parts(name, w, e, mask, held))
         spec.update(bits=8, float8=fmt.float8, scale_shape=list(e.qparams.scale.shape),
                     dtype=FLOAT_NAMES[getattr(module, param).dtype])
     elif "codes" in plan.parts:
@@ -41,7 +48,7 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
         scale, zero = q.scale.float().cpu(), q.zero.float().cpu()
         s, z = scale[:, column_group], zero[:, column_group]
         codes = torch.clamp(torch.round(w / s) + z, 0, 2 ** bits - 1)
-        if not torch.allclose(s * (codes - z), w, rtol=0, atol=1e-6 * float(scale.abs().max()) + 1e-12):
+        if not on_grid(s * (codes - z), w, held):
             raise RuntimeError(f"{name}: the weight is not on its recorded {bits}-bit grid (a later step changed it);"
                                " it cannot be packed.")
         flat = codes.reshape(-1).to(torch.uint8)
@@ -70,23 +77,23 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
     return spec, out
 
 
-def _ggml_bytes(name: str, w: torch.Tensor, e) -> torch.Tensor:
+def _ggml_bytes(name: str, w: torch.Tensor, e, held: torch.dtype) -> torch.Tensor:
     """A ggml-typed weight's blocks, checked to decode to exactly the evaluated weight."""
     from compactmind import ggml
 
     codes, values = ggml.quantize_columns(e.grid, w, 0)
-    if not torch.equal(values, w):
+    if not on_grid(values, w, held):
         raise RuntimeError(f"{name}: the weight is not on its recorded {e.format.ggml} grid (a later step changed "
                            "it); it cannot be stored.")
     return torch.from_numpy(ggml.encode(e.grid, codes)).reshape(-1)
 
 
-def _fp8_parts(name: str, w: torch.Tensor, e, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _fp8_parts(name: str, w: torch.Tensor, e, mask: torch.Tensor | None, held: torch.dtype) -> dict[str, torch.Tensor]:
     """An FP8 weight's values (a byte each; the kept ones when sparse) and its FP32 scales, checked to give back
     exactly the weight."""
     scale = e.qparams.scale.float().cpu()
     values = (w / scale).to(torch.float8_e4m3fn)
-    if not torch.equal(values.float() * scale, w):
+    if not on_grid(values.float() * scale, w, held):
         raise RuntimeError(f"{name}: the weight is not on its recorded FP8 grid (a later step changed it); it cannot "
                            "be stored.")
     codes = values.view(torch.uint8).reshape(-1)

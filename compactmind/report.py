@@ -82,6 +82,8 @@ class Series:
     floor: bool = False  # no figure (not evaluated): drawn along the bottom, below every measured point
 
 
+BASELINE_STYLE = {"uniform": ("tab:orange", "s"), "owl": ("tab:purple", "D"), "shortgpt": ("tab:green", "D"),
+                  "random": ("tab:olive", "s"), "llama.cpp Q4_K_M": ("black", "D"), "llama.cpp Q3_K_M": ("black", "s")}
 SYMBOLS = {"o": "circle", "^": "triangle-up", "s": "square", "D": "diamond", "x": "x", "v": "triangle-down"}
 _LABELS = {"perplexity": "perplexity (test windows)", "selection_perplexity": "perplexity on selection windows",
            "selection_kl": "KL divergence to dense on selection windows"}
@@ -93,13 +95,14 @@ def series(records: StudyRecords) -> list[Series]:
     own = [t for t in records.trials if "duplicate_of" not in t.attrs]
     done = [t for t in own if t.state == "COMPLETE" and t.get(q) is not None]
     kept = [t for t in done if t.feasible is not False]
-    baseline = {k: [t for t in kept if t.baseline == k] for k in ("uniform", "owl")}
+    kinds = list(dict.fromkeys(t.baseline for t in kept if t.baseline))
     searched = [t for t in kept if not t.baseline]
     out = [Series("searched profile" if records.dynamic else "single method",
                   [t for t in searched if not t.get("hybrid")], "tab:blue", "o"),
            Series("hybrid (two steps)", [t for t in searched if t.get("hybrid")], "tab:red", "^"),
-           Series("uniform profile", baseline["uniform"], "tab:orange", "s"),
-           Series("OWL-style profile", baseline["owl"], "tab:purple", "D"),
+           *[Series(f"{kind} profile (baseline)", [t for t in kept if t.baseline == kind],
+                    BASELINE_STYLE.get(kind, ("tab:brown", "D"))[0], BASELINE_STYLE.get(kind, ("tab:brown", "D"))[1])
+             for kind in kinds],
            Series("over the cap (infeasible)", [t for t in done if t.feasible is False], "gray", "o", hollow=True),
            Series("stopped early (partial figure)", [t for t in own if t.status == "early_stopped"
                                                      and t.get(f"partial_{q}") is not None],

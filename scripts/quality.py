@@ -85,7 +85,9 @@ def measure(args, table: list[tuple[str, str]]) -> tuple[dict, dict]:
     device = models.pick_device(gpu=args.gpu)
     loaded = models.load_model(args.model_path, device, torch.float32 if device.type == "cpu" else torch.float16)
     seeds = [int(s) for s in args.seeds.split(",")]
-    executors = {}
+    draws = {seed: D.prepare(loaded.tokenizer, D.resolve_sources(args.test, args.calib), args.seq_len, args.samples,
+                             args.windows, seed=seed) for seed in seeds}
+    executor = Executor(loaded, draws[seeds[0]], seeds[0])  # one snapshot of the pristine model for every draw
     protocol = {"model": loaded.name, "test": Path(args.test).name, "windows": args.windows, "seq_len": args.seq_len,
                 "calibration": Path(args.calib).name, "samples": args.samples, "dtype": str(loaded.dtype)[6:],
                 "seeds": seeds}
@@ -102,12 +104,9 @@ def measure(args, table: list[tuple[str, str]]) -> tuple[dict, dict]:
         spec = pl.parse(text)
         figures = []
         for seed in (seeds if calibrated(text) else seeds[:1]):
-            if seed not in executors:
-                data = D.prepare(loaded.tokenizer, D.resolve_sources(args.test, args.calib), args.seq_len,
-                                 args.samples, args.windows, seed=seed)
-                executors[seed] = Executor(loaded, data, seed)
-            compressed = executors[seed].compress(spec)
-            figures.append((executors[seed].evaluate(batch_size=4).perplexity, compressed))
+            executor.use(draws[seed], seed)
+            compressed = executor.compress(spec)
+            figures.append((executor.evaluate(batch_size=4).perplexity, compressed))
         ppls = [p for p, _ in figures]
         fp, seconds = figures[0][1].footprint, sum(c.seconds for _, c in figures) / len(figures)
         results[label] = {"pipeline": str(spec), "perplexity": sum(ppls) / len(ppls), "spread": max(ppls) - min(ppls),

@@ -123,3 +123,31 @@ def test_llama_cpp_recipes_follow_their_published_rules():
     assert recipe_type("Q3_K_M", "ffn_up", 5, n, 4096) == "Q3_K" and recipe_type("Q3_K_M", "ffn_up", 5, n, 576) == \
         "Q4_0"
     assert recipe_type("Q4_K_M", "output", 0, 30, 576) == "Q8_0"  # SmolLM2's 576-wide head
+
+
+def test_llama_cpp_recipes_are_profiles_of_a_gguf_level_database(tmp_path):
+    from compactmind.data import Dataset
+    from compactmind.dynamic import open_db
+    from compactmind.executor import Executor
+    from compactmind.llamacpp import HF_ROLES
+    from compactmind.models import LoadedModel
+    from compactmind.study.profiles import recipe_profile
+
+    model = tiny_model(num_hidden_layers=8)
+    g = torch.Generator().manual_seed(5)
+    data = Dataset(torch.randint(0, 320, (2, 40), generator=g), torch.randint(0, 320, (2, 40), generator=g), 40,
+                   {"calib_source": "random ids", "calib_tokens": 80})
+    executor = Executor(LoadedModel(model, None, "tiny", "tiny", torch.device("cpu"), torch.float32), data)
+    levels = [pl.parse(f"gguf(type={t})") for t in ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K")]
+    db = open_db(executor, levels, "linear", tmp_path, {"test": 1}, embeddings=True)
+    for recipe in ("Q4_K_M", "Q3_K_M"):
+        profile = recipe_profile(db, recipe)
+        assert profile is not None
+        for u, unit in enumerate(db.units):
+            if unit.kind != "linear":
+                continue
+            stored = db.levels[profile.levels[u]].params[f"{unit.path}.weight"]["ledger"]["ggml"]
+            cols = model.get_submodule(unit.path).in_features
+            assert stored == recipe_type(recipe, HF_ROLES[unit.path.split(".", 3)[-1]], unit.block, 8, cols)
+    executor.assemble(db, recipe_profile(db, "Q4_K_M"))
+    assert measure(model, executor.reference).model_bytes == db.bytes_of(recipe_profile(db, "Q4_K_M"))

@@ -265,7 +265,8 @@ def test_awq_is_exact_before_rounding_and_its_scales_and_clipping_beat_rtn_on_ou
 def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool):
     """GPTQ as the paper's Algorithm 1 states it, one column at a time (no lazy blocks), with the reference
     implementation's dampening, dead-column handling, act order and group parameters taken when a group's
-    first column is reached, from the weights as updated so far. Returns the integer codes [rows, cols]."""
+    first column is reached, from the weights as updated so far; each weight rounded to the nearest value the
+    FP16-stored scale gives. Returns the integer codes [rows, cols]."""
     W, H = w.clone().float(), H.clone().float()
     cols = W.shape[1]
     dead = torch.diag(H) == 0
@@ -289,7 +290,7 @@ def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symm
             zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-lo.float() / scale)
             params[g] = (scale, zero, scale.half().float())
         scale, zero, stored = params[g]
-        codes[:, i] = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, 2 ** bits - 1)
+        codes[:, i] = torch.clamp(torch.round(W[:, i] / stored) + zero, 0, 2 ** bits - 1)
         err = (W[:, i] - stored * (codes[:, i] - zero)) / U[i, i]
         W[:, i:] -= err.unsqueeze(1) * U[i, i:].unsqueeze(0)
     return codes[:, torch.argsort(perm)]

@@ -31,8 +31,8 @@ def test_bad_pipeline_text_is_refused_clearly(bad, message):
 def test_grid_count_equals_enumerated_candidates():
     methods = all_methods()
     sizes = {n: m.grid_size() for n, m in methods.items()}
-    prune = sum(s for n, s in sizes.items() if methods[n].kind == Kind.PRUNING)
-    quant = sum(s for n, s in sizes.items() if methods[n].kind == Kind.QUANTIZATION)
+    prune = sum(s for n, s in sizes.items() if methods[n].kind == Kind.PRUNING and methods[n].hybrid)
+    quant = sum(s for n, s in sizes.items() if methods[n].kind == Kind.QUANTIZATION and methods[n].hybrid)
     cands = pl.candidates()
     assert len(cands) == sum(sizes.values()) + 2 * prune * quant
     assert len({str(c) for c in cands}) == len(cands)  # no duplicates

@@ -174,6 +174,11 @@ def summary(records: StudyRecords, out_dir: Path | None, seconds: float | None =
         if records.quality != "perplexity" and best.get("perplexity") is not None:
             lines.append(f"        test perplexity {best.get('perplexity'):.4f} (chosen on {records.quality}, "
                          "never on the test windows)")
+        for row in records.selection_vs_test:
+            if "test_vs_uniform" in row:
+                lines.append(f"        trial {row['number']} ({row['baseline'] or 'searched'}): {records.quality} "
+                             f"{row[records.quality]:.4g} ({row['selection_vs_uniform']:.3f}x uniform), test "
+                             f"perplexity {row['perplexity']:.4f} ({row['test_vs_uniform']:.3f}x uniform)")
     else:
         lines.append(f"best:   no candidate reached the target ratio {records.target_ratio}")
     if out_dir is not None:

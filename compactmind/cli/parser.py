@@ -24,6 +24,9 @@ def _flag(parser, name: str, **kw):
 def _device_flags(p):
     p.add_argument("--gpu", action="store_true", help="run on the GPU (error if none)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="keep the decoder blocks in host memory and bring each to the device only while it is in "
+                        "use (a model larger than the GPU)")
 
 
 def _model_flags(p):
@@ -45,6 +48,8 @@ def _study_flags(p):
                                    "flags on the command line override it")
     _model_flags(p)
     _flag(p, "target_ratio", type=float, help="minimum compression ratio, 0 <= r < 1 (default 0.5)")
+    _flag(p, "target_bpw", type=float, help="instead of --target_ratio: at most this many bits per weight, over "
+                                            "every weight (a file size; 4.5 is Q4_K's)")
     _flag(p, "strategy", help="search strategy: grid (default: every configuration once), tpe, nsga2, random, qmc, "
                               "gp, bruteforce; evopress for --dynamic (its default)")
     _flag(p, "methods", help="comma-separated registered methods to search (default: all)")

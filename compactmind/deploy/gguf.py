@@ -29,6 +29,7 @@ from compactmind.errors import ConfigError
 from compactmind.files import atomic_folder
 from compactmind.footprint import parameters
 from compactmind.formats import entry, exact_float_dtype
+from compactmind.packing import on_grid
 
 FILE = "model.gguf"
 TOLERANCE = 1e-4  # transformers dequantizes to the evaluated floats; a row permutation is exact
@@ -107,7 +108,7 @@ def _tensors(model: nn.Module):
         e = entry(module, pname)
         if e.format.ggml is not None:
             codes, values = ggml.quantize_columns(e.grid, p.detach().float().cpu(), 0)
-            if not torch.equal(values, p.detach().float().cpu()):
+            if not on_grid(values, p.detach().float().cpu(), p.dtype):
                 raise ConfigError(f"{hf_name} is not on its recorded {e.format.ggml} grid; it cannot be exported.")
             data, raw = ggml.encode(e.grid, codes), ggml.TYPES[e.format.ggml].ggml
         else:
@@ -192,7 +193,7 @@ def _vocab(folder: Path):
     for kind in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab, gguf.vocab.SentencePieceVocab):
         try:
             return kind(folder)
-        except (FileNotFoundError, TypeError):
+        except (FileNotFoundError, TypeError, RuntimeError, KeyError):  # not this kind (or its library is missing)
             continue
     raise ConfigError("--format gguf reads BPE (GPT-2 style) and SentencePiece/Llama tokenizers; this model's "
                       "tokenizer is neither.")

@@ -73,11 +73,13 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                  stored: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes from the exact scale, values from the stored (FP16) one: `stored` is fp16_scale(scale), passed in
-    by a caller that quantizes many columns with one scale."""
-    q = torch.clamp(torch.round(w.float() / scale) + zero, 0, 2 ** bits - 1)
-    return (fp16_scale(scale) if stored is None else stored) * (q - zero)
+                  stored: torch.Tensor | None = None, nearest_stored: bool = False) -> torch.Tensor:
+    """Values from the stored (FP16) scale (`stored`: fp16_scale(scale), passed in by a caller that quantizes many
+    columns with one scale); codes from the exact FP32 scale, as the GPTQ reference quantizer rounds (RTN), or
+    (nearest_stored) the nearest stored value, what GPTQ's error feedback must see."""
+    stored = fp16_scale(scale) if stored is None else stored
+    q = torch.clamp(torch.round(w.float() / (stored if nearest_stored else scale)) + zero, 0, 2 ** bits - 1)
+    return stored * (q - zero)
 
 
 def groups_of(cols: int, group_size: int) -> list[tuple[int, int]]:
@@ -151,7 +153,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     """GPTQ onto k-bit integer groups of contiguous input columns (the layout RTN stores). A group's scale and
     zero point are chosen when the loop first reaches one of its columns, from the weights as the error feedback
     has made them by then (the reference implementation's default, "dynamic groups"), or (static_groups) from
-    the original weights before the loop. keep_zeros: weights that are 0 (pruned) stay 0."""
+    the original weights before the loop. Each weight takes the nearest value the stored (FP16) scale gives,
+    so the error fed back is the error the checkpoint has. keep_zeros: weights that are 0 (pruned) stay 0."""
     rows, cols = W.shape
     spans = groups_of(cols, group_size)
     group_of = torch.empty(cols, dtype=torch.long)
@@ -167,7 +170,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
             s, e = spans[g]
             params[g] = group_params(current(torch.arange(s, e)), bits, symmetric)
         scale, zero = params[g]
-        return fake_quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
+        return fake_quantize(w.unsqueeze(1), scale, zero, bits, nearest_stored=True).squeeze(1)
 
     keep = (W != 0) if keep_zeros else None
     Q = gptq_solve(W, H, quantize_column, act_order, damp, block, keep)

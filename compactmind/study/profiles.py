@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from compactmind import allocations, interrupt
+from compactmind import allocations, interrupt, llamacpp
 from compactmind import pipeline as pl
 from compactmind.config import RunConfig
 from compactmind.dynamic import LevelDB, open_db
@@ -29,7 +29,7 @@ from compactmind.study.storage import beside, study_lock
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("uniform", "owl", "shortgpt", "random")
+BASELINES = ("uniform", "owl", "shortgpt", "random", "llama.cpp Q4_K_M", "llama.cpp Q3_K_M")
 RANDOM_DEFAULT = 8  # random profiles measured where no uniform level hits the target (--random_profiles)
 HIT = 0.002  # a uniform profile within this ratio of the target hits it
 
@@ -90,10 +90,50 @@ def baselines(space: LevelSpace, executor: Executor, cfg: RunConfig) -> list[tup
     if db.depth:
         out.append(("shortgpt", allocations.shortgpt_profile(
             db, allocations.block_importance(executor.model, calib), space.feasible)))
+    out += [(f"llama.cpp {recipe}", recipe_profile(db, recipe)) for recipe in llamacpp.RECIPES[:2]]
     hit = uniform is not None and 1 - db.bytes_of(uniform) / space.dense_bytes < space.target_ratio + HIT
     n = cfg.random_profiles if cfg.random_profiles is not None else (0 if hit else RANDOM_DEFAULT)
     out += [("random", p) for p in allocations.random_profiles(db, space.feasible, n, cfg.seed)]
-    return [(kind, p) for kind, p in out if p is not None]
+    return [(kind, p) for kind, p in out if p is not None and (kind == "uniform" or space.feasible(p))]
+
+
+def recipe_profile(db: LevelDB, recipe: str):
+    """llama.cpp's `recipe` (Q4_K_M, Q3_K_M) as a profile of GGUF levels: every unit at the level that stores it
+    in the type the recipe picks for it; None unless the levels are GGUF types holding every such choice."""
+    from compactmind.dynamic import Profile
+
+    n_layers = max(u.block for u in db.units) + 1
+    levels = []
+    for u, unit in enumerate(db.units):
+        weight = f"{unit.path}.weight"
+        if unit.kind == "embedding":  # a tied embedding is llama.cpp's output tensor
+            role = "token_embd" if unit.name == "embed" and _untied(db) else "output"
+        elif unit.kind == "linear":
+            role = llamacpp.HF_ROLES.get(unit.path.split(".", 3)[-1])
+        else:
+            return None
+        stored = [_stored_type(db, u, i, weight) for i in range(len(db.options[u]))]
+        cols = db._pristine[unit.path].weight.shape[1]
+        want = llamacpp.recipe_type(recipe, role, unit.block, n_layers, cols) if role != "token_embd" else \
+            llamacpp.fitting("Q3_K" if recipe == "Q3_K_M" else "Q4_K", cols)
+        if want not in stored:
+            return None
+        levels.append(stored.index(want))
+    return Profile(tuple(levels))
+
+
+def _untied(db: LevelDB) -> bool:
+    return any(unit.name == "head" for unit in db.units)
+
+
+def _stored_type(db: LevelDB, u: int, i: int, weight: str) -> str | None:
+    """The ggml type a unit's weight has at option i."""
+    label = db.options[u][i].label
+    if db.units[u].kind == "embedding":
+        return label.rsplit(": ", 1)[-1]
+    if i < len(db.levels):
+        return db.levels[i].params[weight]["ledger"].get("ggml")
+    return None
 
 
 def _enqueue_baselines(study: optuna.Study, space: LevelSpace, executor: Executor, cfg: RunConfig) -> None:

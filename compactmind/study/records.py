@@ -223,10 +223,30 @@ class StudyRecords:
     def trial(self, number: int) -> TrialRecord | None:
         return next((t for t in self.trials if t.number == number), None)
 
+    @property
+    def selection_vs_test(self) -> list[dict]:
+        """A dynamic study's trials measured on the test windows: their selection figures beside their test
+        perplexity, and each against the uniform profile's (how far selection carries over to the test)."""
+        if self.quality == "perplexity":
+            return []
+        measured = [t for t in self.trials if t.get("perplexity") is not None and t.get(self.quality) is not None]
+        uniform = next((t for t in measured if t.baseline == "uniform"), None)
+        rows = []
+        for t in measured:
+            row = {"number": t.number, "baseline": t.baseline, self.quality: t.get(self.quality),
+                   "selection_perplexity": t.get("selection_perplexity"), "perplexity": t.get("perplexity"),
+                   "best": self.best is not None and t.number == self.best.number}
+            if uniform is not None:
+                row["selection_vs_uniform"] = t.get(self.quality) / uniform.get(self.quality) \
+                    if uniform.get(self.quality) else None
+                row["test_vs_uniform"] = t.get("perplexity") / uniform.get("perplexity")
+            rows.append(row)
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out.update(trials=[t.to_dict() for t in self.trials], best=self.best.to_dict() if self.best else None,
-                   pareto_front=[t.to_dict() for t in self.pareto_front])
+                   pareto_front=[t.to_dict() for t in self.pareto_front], selection_vs_test=self.selection_vs_test)
         return out
 
 

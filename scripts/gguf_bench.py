@@ -1,0 +1,191 @@
+"""GGUF against llama.cpp's own recipes, measured by llama.cpp itself.
+
+1. The dense model (SmolLM2 dequantized from its Q4_1 file) is written as a GGUF file (F16 where exact, else F32),
+   and llama.cpp's quantizer (llama-cpp-python's llama_model_quantize) makes its Q4_K_M and Q3_K_M of it, with
+   and without an importance matrix (the mean squared activation of each linear's inputs on the calibration
+   samples, computed here on the dense model as llama.cpp's imatrix tool does, and passed as it passes one).
+2. At each recipe's tensor bytes, a dynamic compactmind study searches a per-tensor mix of GGUF types (levels
+   Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K with the imatrix solver, units every linear and the embedding; llama.cpp's
+   fallback where a width does not fit a K-quant) and exports its best as a .gguf file; the study also measures
+   llama.cpp's recipes and the uniform type made by our quantizer.
+3. Every file's perplexity is measured by llama.cpp on the same test windows (compactmind's protocol: each
+   window on its own, every position after the first), and compared with the dense file's: the excess (PPL -
+   dense PPL) of our mix against that of llama.cpp's recipe with an importance matrix.
+4. Our round-to-nearest fit against llama.cpp's quantizer (ggml_quantize_chunk, no importance matrix) on every
+   ffn_down tensor (the tensors SmolLM2 stores in K-quants): the squared error of each K-quant.
+
+llama-cpp-python is installed into its own virtual environment (--llama_venv; it compiles llama.cpp for this CPU,
+about 200 s on 2 cores) and used from scripts/llamacpp_eval.py.
+
+    .venv/bin/python scripts/gguf_bench.py --out /tmp/gguf-bench [--minutes 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+RECIPES = ("Q4_K_M", "Q3_K_M")
+LEVELS = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+
+
+def llama_python(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python", "numpy"], check=True)
+    return python
+
+
+def tool(python: Path, *args) -> str:
+    done = subprocess.run([str(python), str(HERE / "llamacpp_eval.py"), *map(str, args)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"llamacpp_eval.py {args[0]} failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def tensor_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def imatrix(model, samples: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per GGUF weight name, the mean squared activation of each input column on the dense model."""
+    import gguf
+
+    from compactmind.calibration import InputNorms, run_body
+    from compactmind.models import block_linears
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    acc = {name: InputNorms(lin) for name, lin in block_linears(model)}
+    handles = [lin.register_forward_hook(lambda m, a, o, s=acc[name]: s.add_batch(a[0], o))
+               for name, lin in block_linears(model)]
+    try:
+        run_body(model, samples)
+    finally:
+        for h in handles:
+            h.remove()
+    return {names.get_name(f"{name}.weight", try_suffixes=(".weight",)): a.sq.numpy() for name, a in acc.items()}
+
+
+def quantizer_errors(python: Path, model, out: Path) -> list[str]:
+    """Our rtn fit against llama.cpp's quantizer on every ffn_down tensor, per K-quant: summed squared error."""
+    import gguf
+
+    from compactmind import ggml
+
+    weights = {f"blk.{i}.ffn_down": layer.mlp.down_proj.weight.detach().float().numpy()
+               for i, layer in enumerate(model.model.layers)}
+    np.savez(out / "ffn_down.npz", **weights)
+    lines = [f"{'type':<6}{'llama.cpp error':>16}{'ours (rtn)':>12}{'ours / llama.cpp':>18}"]
+    for name in ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"):
+        tool(python, "quantize_rows", out / "ffn_down.npz", name, out / f"ffn_down_{name}.npz")
+        theirs_bytes = np.load(out / f"ffn_down_{name}.npz")
+        kind = gguf.GGMLQuantizationType[name]
+        theirs = ours = 0.0
+        for key, w in weights.items():
+            theirs += float(((gguf.quants.dequantize(theirs_bytes[key], kind) - w) ** 2).sum())
+            _, values = ggml.quantize(torch.from_numpy(w), name)
+            ours += float(((values.numpy() - w) ** 2).sum())
+        lines.append(f"{name:<6}{theirs:>16.4f}{ours:>12.4f}{ours / theirs:>18.3f}")
+    return lines
+
+
+def study(out: Path, target_ratio: float, name: str, minutes: float, storage: str) -> dict:
+    cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--dynamic", "--methods", "gguf", "--granularity",
+           "linear", "--embedding_units", "--seq_len", "512", "--max_eval_windows", "16", "--data_samples", "32",
+           "--selection_windows", "16", "--fitness", "kl", "--target_ratio", repr(round(target_ratio, 6)),
+           "--storage", storage, "--study_name", name, "--output_dir", str(out / name), "--levels_dir",
+           str(out / "levels"), "--timeout", str(60 * minutes), "--n_trials", "100000", "--study",
+           str(out / "levels.toml")]
+    subprocess.run(cmd, check=True)
+    return json.loads((out / name / "report.json").read_text())
+
+
+def export(storage: str, name: str, trial: int, folder: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "compactmind", "-q", "export", "--study_name", name, "--storage", storage,
+                    "--trial", str(trial), "--format", "gguf", "--out", str(folder), "--verify"], check=True)
+    return folder / "model.gguf"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="/tmp/gguf-bench")
+    ap.add_argument("--llama_venv", default=str(Path.home() / ".cache" / "compactmind" / "llama-venv"))
+    ap.add_argument("--minutes", type=float, default=30.0, help="search time per target")
+    ap.add_argument("--skip_search", action="store_true", help="only llama.cpp's recipes and the quantizer errors")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    python = llama_python(Path(args.llama_venv))
+    print(f"llama-cpp-python ready ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    from compactmind import data as D
+    from compactmind import models
+    from compactmind.deploy import gguf as gguf_format
+
+    loaded = models.load_model(None, torch.device("cpu"), torch.float32)
+    data = D.prepare(loaded.tokenizer, D.resolve_sources(None, None), 512, 32, 16, seed=0)
+    np.save(out / "windows.npy", data.windows.numpy())
+    np.savez(out / "imatrix.npz", **imatrix(loaded.model, data.calib))
+    dense = out / "dense"
+    if not (dense / gguf_format.FILE).exists():
+        gguf_format.write(loaded.model, loaded.tokenizer, dense, {"model": {"source_gguf": loaded.source_info["path"]}})
+    n_weights = sum(p.numel() for p in loaded.model.parameters()) - loaded.model.lm_head.weight.numel() * \
+        int(loaded.model.config.tie_word_embeddings)
+    rows = []
+
+    def measure(label: str, path: Path, note: str = "") -> dict:
+        ppl = json.loads(tool(python, "perplexity", path, out / "windows.npy"))["perplexity"]
+        row = {"label": label, "file_mb": path.stat().st_size / 1e6, "tensor_bytes": tensor_bytes(path),
+               "bpw": 8 * tensor_bytes(path) / n_weights, "perplexity": ppl, "note": note}
+        rows.append(row)
+        print(f"{label:<40} {row['file_mb']:>8.2f} MB {row['bpw']:>6.3f} bpw  ppl {ppl:.3f}  {note}", flush=True)
+        return row
+
+    base = measure("dense (F16/F32 GGUF of the dequantized model)", dense / gguf_format.FILE)
+    made = {}
+    for recipe in RECIPES:
+        for with_imatrix in (False, True):
+            path = out / f"llama.cpp-{recipe}{'-imatrix' if with_imatrix else ''}.gguf"
+            tool(python, "quantize", dense / gguf_format.FILE, path, recipe,
+                 *(["--imatrix", out / "imatrix.npz"] if with_imatrix else []))
+            made[(recipe, with_imatrix)] = measure(f"llama.cpp {recipe}{' + imatrix' if with_imatrix else ''}", path)
+    for line in quantizer_errors(python, loaded.model, out):
+        print(line)
+    if not args.skip_search:
+        (out / "levels.toml").write_text("[run]\n[grids.gguf]\ntype = [" + ", ".join(f'"{t}"' for t in LEVELS) +
+                                         ']\nsolver = ["imatrix"]\nembeddings = ["Q8_0"]\n')
+        storage = f"sqlite:///{out}/gguf.db"
+        for recipe in RECIPES:
+            target = 1 - made[(recipe, True)]["tensor_bytes"] / (4 * n_weights)
+            report = study(out, target, f"at-{recipe}", args.minutes, storage)
+            best = report["best"]
+            path = export(storage, f"at-{recipe}", best["number"], out / f"ours-at-{recipe}")
+            ours = measure(f"compactmind search at {recipe}'s size", path,
+                           f"our test ppl {best.get('perplexity', float('nan')):.3f}")
+            for t in report["trials"]:
+                if t.get("baseline") == f"llama.cpp {recipe}" and t["state"] == "COMPLETE":
+                    mine = export(storage, f"at-{recipe}", t["number"], out / f"recipe-{recipe}")
+                    measure(f"llama.cpp {recipe}'s mix, our imatrix fit", mine)
+            theirs = made[(recipe, True)]
+            ratio = (ours["perplexity"] - base["perplexity"]) / (theirs["perplexity"] - base["perplexity"])
+            print(f"excess over dense at {recipe}: ours {ours['perplexity'] - base['perplexity']:.3f}, llama.cpp + "
+                  f"imatrix {theirs['perplexity'] - base['perplexity']:.3f}: {ratio:.2f}x", flush=True)
+    (out / "gguf_bench.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
