@@ -41,10 +41,28 @@ def _network_problem(exc: BaseException) -> bool:
     return False
 
 
+def _reachable(host: str) -> bool:
+    """Whether the host can be resolved and connected to at all (the libraries would retry with backoff for half
+    a minute before saying it cannot). Behind a proxy the libraries know the way: taken as reachable."""
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unreachable(source: str, what: str) -> DownloadError:
+    return DownloadError(f"Cannot reach {source} to download {what} (no network here?); download it on a "
+                         "machine with access and copy the folder over.")
+
+
 def _explain(exc: Exception, source: str, what: str) -> DownloadError:
     if _network_problem(exc):
-        return DownloadError(f"Cannot reach {source} to download {what} (no network here?); download it on a "
-                             "machine with access and copy the folder over.")
+        return _unreachable(source, what)
     name = type(exc).__name__
     if "GatedRepo" in name or "401" in str(exc) or "403" in str(exc):
         return DownloadError(f"{what} on {source} needs an access token with accepted terms; pass --token or set "
@@ -77,6 +95,8 @@ def hub_snapshot(repo_id: str, out: str, revision: str | None = None, token: str
 def modelscope_snapshot(model_id: str, out: str, revision: str | None = None) -> Path:
     folder = _out_dir(out)
     _require("modelscope")
+    if not _reachable("www.modelscope.cn"):
+        raise _unreachable("ModelScope", model_id)
     from modelscope import snapshot_download
 
     try:
@@ -91,6 +111,10 @@ def wikitext(out: str, name: str = "wikitext-2") -> list[Path]:
     folder = _out_dir(out)
     datasets = _require("datasets")
     datasets.logging.disable_progress_bar()
+    from urllib.parse import urlparse
+
+    if not _reachable(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""):
+        datasets.config.HF_HUB_OFFLINE = True  # a copy in the datasets cache still serves; none fails at once
     try:
         splits = datasets.load_dataset("wikitext", WIKITEXT[name])
     except Exception as exc:
