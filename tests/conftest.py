@@ -110,8 +110,21 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def _test_cache(tmp_path_factory) -> str:
+    """The session's own cache folder, except converted GGUF models: those are keyed by the file's path, size and
+    time and shared with the user's cache, so SmolLM2's 20 s conversion is paid once per machine, not per session."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    models = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "compactmind" / "models"
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(models, target_is_directory=True)
+    except OSError:
+        pass  # a read-only home: the session converts into its own folder
+    return str(cache)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Converted GGUF models are cached per user; tests share one cache folder for the session.
-    cache = os.environ.get("COMPACTMIND_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
-    monkeypatch.setenv("COMPACTMIND_CACHE", os.environ.get("COMPACTMIND_CACHE", cache))
+def _isolated_cache(_test_cache, monkeypatch):
+    monkeypatch.setenv("COMPACTMIND_CACHE", os.environ.get("COMPACTMIND_TEST_CACHE") or _test_cache)

@@ -35,7 +35,7 @@ def test_l2_pruning_removes_the_lowest_norm_channels_and_equals_masking_them():
             n = m.gate_proj.weight.pow(2).sum(1) + m.up_proj.weight.pow(2).sum(1) + m.down_proj.weight.pow(2).sum(0)
             m.down_proj.weight[:, n.topk(32, largest=False).indices] = 0
         expected = masked(input_ids=IDS).logits
-    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp)"), None, 0)
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp, score=weight)"), None, 0)
     assert mlp.gate_proj.weight.shape == (96, 64) and mlp.down_proj.weight.shape == (64, 96)
     kept = set(range(128)) - set(dropped.tolist())
     assert len(kept) == 96
@@ -43,9 +43,32 @@ def test_l2_pruning_removes_the_lowest_norm_channels_and_equals_masking_them():
         assert torch.allclose(model(input_ids=IDS).logits, expected, atol=1e-5)
 
 
+def test_l2_activation_score_keeps_the_channels_that_add_most_to_the_output_on_calibration_data():
+    """Block 0 by hand: E[h_j^2] of down_proj's input over the calibration tokens (the dense model's, as block 0
+    sees it), score ||down[:, j]|| * sqrt(E[h_j^2]); the kept channels are the top 75%, in order."""
+    model = tiny_model()
+    mlp = decoder_layers(model)[0].mlp
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    seen = []
+    handle = mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 128)))
+    with torch.no_grad():
+        for row in calib:
+            model(input_ids=row[None])
+    handle.remove()
+    energy = torch.cat(seen).pow(2).mean(0)
+    score = mlp.down_proj.weight.pow(2).sum(0).sqrt() * energy.sqrt()
+    kept = score.topk(96).indices.sort().values
+    weight_kept = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+                   + mlp.down_proj.weight.pow(2).sum(0)).topk(96).indices.sort().values
+    assert not torch.equal(kept, weight_kept)  # the two scores disagree here, so the test tells them apart
+    gate = mlp.gate_proj.weight.clone()
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp)"), Calibration(calib), 0)
+    assert torch.equal(mlp.gate_proj.weight, gate[kept])
+
+
 def test_l2_head_pruning_keeps_grouped_query_attention_regular():
     model = tiny_model()  # 4 query heads, 2 kv heads: 2 query heads per group
-    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.5, scope=heads)"), None, 0)
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.5, scope=heads, score=weight)"), None, 0)
     attn = decoder_layers(model)[0].self_attn
     assert attn.q_proj.weight.shape == (2 * 16, 64) and attn.o_proj.weight.shape == (64, 2 * 16)
     assert attn.k_proj.weight.shape == (2 * 16, 64) and attn.num_key_value_groups == 1
@@ -55,7 +78,7 @@ def test_l2_head_pruning_keeps_grouped_query_attention_regular():
 
 def test_l2_head_pruning_without_grouping_removes_whole_heads():
     model = tiny_model(num_key_value_heads=4)
-    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=heads)"), None, 0)
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=heads, score=weight)"), None, 0)
     attn = decoder_layers(model)[0].self_attn
     assert attn.q_proj.weight.shape == (48, 64) and attn.k_proj.weight.shape == (48, 64)
     assert attn.v_proj.weight.shape == (48, 64) and attn.o_proj.weight.shape == (64, 48)
@@ -262,11 +285,14 @@ def test_awq_is_exact_before_rounding_and_its_scales_and_clipping_beat_rtn_on_ou
     assert out_err(clipped, w, x) <= out_err(awq, w, x)  # clipping never loses on the tokens it chose on
 
 
-def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool):
+def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool,
+                   static: bool = False):
     """GPTQ as the paper's Algorithm 1 states it, one column at a time (no lazy blocks), with the reference
     implementation's dampening, dead-column handling, act order and group parameters taken when a group's
-    first column is reached, from the weights as updated so far; each weight rounded to the nearest value the
-    FP16-stored scale gives. Returns the integer codes [rows, cols]."""
+    first column is reached, from the weights as updated so far (static: from the original weights); each
+    weight rounded to the nearest value the FP16-stored scale gives. Returns the integer codes and the dequantized
+    weights, both [rows, cols]."""
+    original = w.clone().float()
     W, H = w.clone().float(), H.clone().float()
     cols = W.shape[1]
     dead = torch.diag(H) == 0
@@ -275,13 +301,14 @@ def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symm
     W, H = W[:, perm], H[perm][:, perm]
     H += 0.01 * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes, params = torch.zeros_like(W), {}
+    codes, values, params = torch.zeros_like(W), torch.zeros_like(W), {}
     for i in range(cols):
         j = int(perm[i])
         g = j // group
         if g not in params:  # the group's columns, as the error feedback has left them
             members = [int(p) for p in range(cols) if int(perm[p]) // group == g]
-            maxq, block = 2 ** bits - 1, W[:, members]
+            maxq = 2 ** bits - 1
+            block = original[:, g * group:(g + 1) * group] if static else W[:, members]
             lo, hi = block.min(1).values.clamp(max=0), block.max(1).values.clamp(min=0)
             if symmetric:
                 hi = torch.maximum(hi, -lo)
@@ -291,17 +318,20 @@ def reference_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, symm
             params[g] = (scale, zero, scale.half().float())
         scale, zero, stored = params[g]
         codes[:, i] = torch.clamp(torch.round(W[:, i] / stored) + zero, 0, 2 ** bits - 1)
-        err = (W[:, i] - stored * (codes[:, i] - zero)) / U[i, i]
+        values[:, i] = stored * (codes[:, i] - zero)
+        err = (W[:, i] - values[:, i]) / U[i, i]
         W[:, i:] -= err.unsqueeze(1) * U[i, i:].unsqueeze(0)
-    return codes[:, torch.argsort(perm)]
+    back = torch.argsort(perm)
+    return codes[:, back], values[:, back]
 
 
+@pytest.mark.parametrize("static", [True, False])
 @pytest.mark.parametrize("symmetric, act_order", [(True, True), (True, False), (False, True), (False, False)])
-def test_gptq_codes_equal_a_reference_written_from_the_paper(symmetric, act_order):
+def test_gptq_codes_equal_a_reference_written_from_the_paper(symmetric, act_order, static):
     w, x = correlated_layer(5, rows=48, cols=192)
     H = hessian(x)
-    q = gptq(w, H, 4, 64, symmetric, act_order)
+    q = gptq(w, H, 4, 64, symmetric, act_order, static_groups=static)
     scale = q.scale.float().repeat_interleave(64, 1)
     ours = torch.round(q.weight / scale) + q.zero.float().repeat_interleave(64, 1)
-    ref = reference_gptq(w, H, 4, 64, symmetric, act_order)
+    ref, _ = reference_gptq(w, H, 4, 64, symmetric, act_order, static)
     assert (ours != ref).float().mean().item() == 0.0
