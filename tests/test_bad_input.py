@@ -85,9 +85,9 @@ CASES = {
     "gpu without a gpu": (lambda e: run(e, "--gpu"), "no CUDA GPU"),
     "gpu and cpu together": (lambda e: run(e, "--gpu", "--cpu"), "exclude each other"),
     "storage URL that cannot be opened": (
-        lambda e: run(e, storage="postgresql+psycopg2://nobody@127.0.0.1:1/none"), "Cannot open the storage"),
+        lambda e: run(e, storage="postgresql+psycopg2://nobody@127.0.0.1:1/none"), "Cannot reach the storage"),
     "storage URL with a password that cannot be opened": (
-        lambda e: run(e, storage="postgresql+psycopg2://nobody:Sekr1tPw@127.0.0.1:1/none"), "Cannot open the storage"),
+        lambda e: run(e, storage="postgresql+psycopg2://nobody:Sekr1tPw@127.0.0.1:1/none"), "Cannot reach the storage"),
     "storage that is not a URL": (lambda e: run(e, storage="just-a-name"), "not a database URL"),
     "SQLite file that is not a database": (
         lambda e: run(e, storage=f"sqlite:///{e['tmp']}/notadb.db"), "is not an SQLite database"),

@@ -54,7 +54,7 @@ def test_l2_structured_pruning_counts_removed_weights_exactly():
     model = tiny_model()
     ref = Reference.of(model)
     dense_params = n_params(model)
-    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp)"), None, 0)
+    pl.apply_(model, pl.parse("l2_pruning(sparsity=0.25, scope=mlp, score=weight)"), None, 0)
     removed_per_layer = 32 * 64 * 3  # 32 of 128 channels: rows of gate and up, columns of down
     assert n_params(model) == dense_params - 2 * removed_per_layer
     fp = measure(model, ref)

@@ -16,7 +16,7 @@ from compactmind.cli import main
 
 from conftest import communicate, configurations, finished_trials, tiny_model
 
-METHODS = "random_pruning,l2_pruning,fp16"
+METHODS = "random_pruning,fp16"  # 16 configurations, hybrids among them
 
 
 def args(model_dir, data, tmp_path, *extra, name="s"):
@@ -197,8 +197,9 @@ def test_a_terminated_dynamic_baseline_is_measured_when_the_study_resumes(tiny_m
     assert main(run) == 143
     monkeypatch.setattr(spaces.LevelSpace, "compress", compress)
     first = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
-    assert [(t.get("baseline"), t["state"], t["status"]) for t in first] == [
-        ("uniform", "FAIL", "terminated"), ("owl", "WAITING", None)]
+    seen = [(t.get("baseline"), t["state"], t["status"]) for t in first]
+    assert seen[0] == ("uniform", "FAIL", "terminated") and len(seen) > 1  # RTN levels: no OWL; random profiles
+    assert set(seen[1:]) == {("random", "WAITING", None)}
     assert main(run) == 0
     trials = json.loads((tmp_path / "out" / "report.json").read_text())["trials"]
     measured = [t for t in trials if t.get("baseline") == "uniform" and t["state"] == "COMPLETE"]

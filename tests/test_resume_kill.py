@@ -26,7 +26,7 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_f
     db = tmp_path / "study.db"
     cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir),
            "--data_path", str(text_file), "--seq_len", "64", "--max_eval_windows", "30", "--data_samples", "2",
-           "--target_ratio", "0.0", "--methods", "random_pruning,l2_pruning,fp16", "--storage", f"sqlite:///{db}",
+           "--target_ratio", "0.0", "--methods", "random_pruning,fp16", "--storage", f"sqlite:///{db}",
            "--study_name", "killme", "--output_dir", str(tmp_path / "out")]
     env = {**os.environ, "COMPACTMIND_HEARTBEAT_S": "1", "COMPACTMIND_LOCK_WAIT_S": "5"}  # a short grace period
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -34,7 +34,7 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_f
     killed = False
     while time.time() < deadline and proc.poll() is None:
         rows = [r[0] for r in states(db)]
-        if sum(r in ("COMPLETE", "PRUNED") for r in rows) >= 8 and "RUNNING" in rows:
+        if sum(r in ("COMPLETE", "PRUNED") for r in rows) >= 4 and "RUNNING" in rows:
             proc.send_signal(signal.SIGKILL)
             killed = True
             break
@@ -46,7 +46,7 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_f
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    expected = sorted(str(c) for c in pl.candidates(["random_pruning", "l2_pruning", "fp16"]))
+    expected = sorted(str(c) for c in pl.candidates(["random_pruning", "fp16"]))
     finished = sorted(t["pipeline"] for t in report["trials"] if t["state"] in ("COMPLETE", "PRUNED"))
     assert finished == expected
     assert not [t for t in report["trials"] if t["state"] in ("RUNNING", "WAITING")]

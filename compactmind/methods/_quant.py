@@ -124,27 +124,30 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantize_column, act_order: boo
     Hinv = prepare_hessian(H, W, damp, inplace=act_order)
     del H
     Q = torch.empty_like(W)  # in the original column order
+    order = perm.tolist()  # Python ints: no tensor-to-int conversion per column
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
+        # the block's columns as contiguous rows (transposed): each column's update is one contiguous sweep
+        W1, Err1, Hinv1 = W[:, i1:i2].T.contiguous(), torch.zeros(i2 - i1, rows), Hinv[i1:i2, i1:i2]
+        Q1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             def current(original: torch.Tensor, i=i) -> torch.Tensor:
                 p = position[original]
                 inside, later = p[p < i2] - i1, p[p >= i2]
                 out = torch.empty(rows, len(p))
-                out[:, p < i2] = W1[:, inside]
-                out[:, p >= i2] = W[:, later] - Err1[:, :i] @ Hinv[i1:i1 + i, later]
+                out[:, p < i2] = W1[inside].T
+                out[:, p >= i2] = W[:, later] - Err1[:i].T @ Hinv[i1:i1 + i, later]
                 return out
 
-            j = int(perm[i1 + i])
-            q = quantize_column(j, W1[:, i], current)
+            q = quantize_column(order[i1 + i], W1[i], current)
             if keep is not None:
                 q = q * keep[:, i1 + i]
-            Q[:, j] = q
-            err = (W1[:, i] - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            Q1[i] = q
+            err = (W1[i] - q) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        Q[:, perm[i1:i2]] = Q1.T
+        W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
     return Q
 
 
@@ -157,20 +160,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     so the error fed back is the error the checkpoint has. keep_zeros: weights that are 0 (pruned) stay 0."""
     rows, cols = W.shape
     spans = groups_of(cols, group_size)
-    group_of = torch.empty(cols, dtype=torch.long)
-    for g, (s, e) in enumerate(spans):
-        group_of[s:e] = g
-    params: dict[int, tuple] = {}
+    group_of = [g for g, (s, e) in enumerate(spans) for _ in range(s, e)]
+    params: dict[int, tuple] = {}  # group -> (scale, zero, the stored scale)
+
+    def fitted(w: torch.Tensor) -> tuple:
+        scale, zero = group_params(w, bits, symmetric)
+        return scale, zero, fp16_scale(scale)
+
     if static_groups:
-        params = {g: group_params(W[:, s:e].float(), bits, symmetric) for g, (s, e) in enumerate(spans)}
+        params = {g: fitted(W[:, s:e].float()) for g, (s, e) in enumerate(spans)}
 
     def quantize_column(j: int, w: torch.Tensor, current) -> torch.Tensor:
-        g = int(group_of[j])
+        g = group_of[j]
         if g not in params:
             s, e = spans[g]
-            params[g] = group_params(current(torch.arange(s, e)), bits, symmetric)
-        scale, zero = params[g]
-        return fake_quantize(w.unsqueeze(1), scale, zero, bits, nearest_stored=True).squeeze(1)
+            params[g] = fitted(current(torch.arange(s, e)))
+        scale, zero, stored = params[g]
+        return fake_quantize(w.unsqueeze(1), scale, zero, bits, stored, nearest_stored=True).squeeze(1)
 
     keep = (W != 0) if keep_zeros else None
     Q = gptq_solve(W, H, quantize_column, act_order, damp, block, keep)

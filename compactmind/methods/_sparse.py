@@ -66,31 +66,28 @@ def sparsegpt_(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, nm: tupl
     mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        # the block's columns as contiguous rows (transposed): each column's update is one contiguous sweep
+        W1 = W[:, i1:i2].T.contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         if nm is None:
-            score = W1.pow(2) / d.pow(2).unsqueeze(0)
-            mask1 = lowest_mask(score, sparsity)
+            mask1 = lowest_mask(W1.pow(2) / d.pow(2).unsqueeze(1), sparsity)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            w = W1[:, i]
             if nm is not None and i % nm[1] == 0:
-                score = W1[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2).unsqueeze(0)
-                mask1[:, i:i + nm[1]] = nm_mask(score, *nm)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
+                score = W1[i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2).unsqueeze(1)
+                mask1[i:i + nm[1]] = nm_mask(score.T, *nm).T
+            w = W1[i].clone()
+            W1[i].masked_fill_(mask1[i], 0)
             if not update:
                 continue
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
+            err = (w - W1[i]) / d[i]
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+            Err1[i] = err
+        W[:, i1:i2] = W1.T
+        mask[:, i1:i2] = mask1.T
         if update:
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
     return W, mask
