@@ -1,16 +1,17 @@
 """compactmind: automatic search over LLM compression pipelines (pruning, quantization, hybrids) on Optuna.
 
-Layout, imports running one way (cli -> study -> trial -> pipeline -> methods/registry -> models/data):
+Layout, imports running one way (cli -> study -> executor -> pipeline -> methods/registry -> models/data):
   cli/              argparse (parser), commands, printing and progress bars (console)
   config            RunConfig (every setting, validated once) and the objectives a study can optimise
   study/            the Optuna layer: storage, sampler (grid + strategy table), objective (one trial's life),
                     session (create/resume, dense baseline, run loop, reports), records (typed read-back)
-  trial             the executor every command uses: load, restore, apply, measure, evaluate
+  executor          the executor every command uses: load, restore, apply, measure, evaluate
   pipeline          pipeline text, candidate lists, applying steps
   registry, space, methods/   compression methods as plugins with typed search spaces
   formats, footprint          how each weight is stored (one ledger per module) and what it costs
   models, data, calibration, evaluate   loading, tokenized windows, the layer-by-layer loop, perplexity
-  report, dashboard, export, packed     what a person reads, watches and deploys
+  dynamic, allocations                  dynamic compression: units, level database, baselines
+  report, dashboard, packed, deploy/    what a person reads, watches and deploys (study/export: the command)
 """
 
 from compactmind.errors import CompactMindError

@@ -1,13 +1,13 @@
 """How each weight would be stored: its format, recorded by the methods in one ledger per module, and the
 bytes of every tensor the packed format writes for it (`layout`), used by both the size accounting
-(footprint.py) and the export (export.py), so the two cannot disagree.
+(footprint.py) and the packed writer (packing.py), so the two cannot disagree.
 
 A module's ledger is the plain attribute `_cm_ledger`: {parameter name: Entry}. The snapshot restores it with
 the module. An Entry holds the TensorFormat, the quantization parameters when the weight holds integer codes
 (scales and zero points per group, and the column -> group map after structured pruning), the number of
 weights a pruning step zeroed, and whether the module quantizes its inputs per token (W8A8).
 
-The stored tensors (bytes, exactly as export.py writes them):
+The stored tensors (bytes, exactly as packing.py writes them):
   values       float values (numel x bits / 8), or only the kept ones when sparse
   codes        k-bit integer codes, bit-packed: ceil(count x k / 8); FP8 values, a byte each
   mask         1 bit per weight, bit-packed, when the sparse layout is smaller than the dense one

@@ -251,7 +251,8 @@ def plot_html(records: StudyRecords) -> bytes:
 
 
 def plot_profiles(records: StudyRecords) -> bytes | None:
-    """A dynamic study: the level of every unit, one row per trial measured on the test windows."""
+    """A dynamic study: the option of every unit (a level, drop, an embedding's own), one row per trial measured on
+    the test windows; the colour bar names the block units' options."""
     if not records.dynamic:
         return None
     rows = [t for t in records.trials if t.get("profile") and t.get("perplexity") is not None
@@ -263,17 +264,20 @@ def plot_profiles(records: StudyRecords) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = records.dynamic["levels"]
+    options = records.dynamic.get("options") or [records.dynamic["levels"]]
+    blocks = next((o for o in options if not any(": " in label for label in o)), options[0])  # levels (and drop)
+    top = max(len(o) for o in options) - 1
     fig, ax = plt.subplots(figsize=(min(16, 3 + 0.25 * len(rows[0].get("profile"))), 1.2 + 0.45 * len(rows)),
                            dpi=200)
-    image = ax.imshow([t.get("profile") for t in rows], aspect="auto", cmap="viridis", vmin=0,
-                      vmax=max(1, len(levels) - 1))
+    image = ax.imshow([t.get("profile") for t in rows], aspect="auto", cmap="viridis", vmin=0, vmax=max(1, top))
     ax.set_yticks(range(len(rows)), [f"#{t.number} {t.baseline or ''} ppl {t.get('perplexity'):.4g}"
                                      for t in rows], fontsize=7)
     ax.set_xlabel("unit (block order)")
-    ax.set_title(f"{records.study}: level per unit (0 = least compressed); test perplexity", fontsize=9)
-    bar = fig.colorbar(image, ax=ax, ticks=range(len(levels)))
-    bar.ax.set_yticklabels([text[:40] for text in levels], fontsize=6)
+    own = " (an embedding unit: its own option, least compressed first)" if any(
+        ": " in label for o in options for label in o) else ""
+    ax.set_title(f"{records.study}: option per unit (0 = least compressed){own}; test perplexity", fontsize=9)
+    bar = fig.colorbar(image, ax=ax, ticks=range(len(blocks)))
+    bar.ax.set_yticklabels([text[:40] for text in blocks], fontsize=6)
     return _png(fig)
 
 

@@ -180,6 +180,27 @@ def test_a_dynamic_study_through_the_cli_then_resumed(tiny_model_dir, data_dir, 
     assert len(study.trials) == 16
 
 
+def test_a_depth_profile_exports_packed_and_the_formats_that_cannot_hold_it_refuse_by_name(tiny_model_dir, data_dir,
+                                                                                            capsys):
+    tmp = data_dir
+    args = dynamic_args(tiny_model_dir, tmp, "--n_trials", "4", "--depth", "--granularity", "sublayer")
+    args[args.index("rtn")] = "dense"
+    args[args.index("--target_ratio") + 1] = "0.1"  # one attention or MLP sub-block of the two blocks must go
+    assert main(args) == 0
+    best = json.loads((tmp / "out" / "report.json").read_text())["best"]
+    assert "x drop" in best["pipeline"]
+    store = ["--study_name", "dyn", "--storage", f"sqlite:///{tmp}/s.db"]
+    for fmt in ("dense", "gguf", "compressed-tensors"):
+        capsys.readouterr()
+        assert main(["-q", "export", *store, "--out", str(tmp / fmt), "--format", fmt]) == 1
+        err = capsys.readouterr().err
+        assert f"--format {fmt} cannot hold" in err and "drop" in err and err.count("\n") == 1
+        assert not (tmp / fmt).exists()
+    assert main(["-q", "export", *store, "--out", str(tmp / "packed"), "--verify"]) == 0
+    manifest = json.loads((tmp / "packed" / "compactmind.json").read_text())
+    assert manifest["verified_perplexity"] == pytest.approx(best["perplexity"], rel=1e-5)
+
+
 def test_many_workers_share_a_dynamic_study_without_evaluating_a_profile_twice(tiny_model_dir, data_dir):
     tmp = data_dir
     create = dynamic_args(tiny_model_dir, tmp, name="w")

@@ -71,7 +71,7 @@ def _study_flags(p):
     _flag(p, "fitness", help="dynamic: what profiles are chosen on, ppl (default) or kl (to the dense model), on "
                              "selection windows of validation text")
     _flag(p, "selection_windows", type=int, help="dynamic: selection windows taken from the calibration text "
-                                                 "(default 16)")
+                                                 "(default 32)")
     _flag(p, "depth", action="store_true", default=None,
           help="dynamic: a unit may also be dropped (depth pruning: a block, or a sub-block with --granularity "
                "sublayer); ShortGPT's choice is a baseline")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(dash, "read_only", action="store_true", help="refuse every request that would change the storage "
                                                        "(optuna-dashboard's API has no password)")
     exp = sub.add_parser("export", help="re-apply a trial's pipeline to the original model and write it as a "
-                                        "Hugging Face folder (packed, compressed-tensors or dense)")
+                                        "folder in one of the formats: " + ", ".join(FORMATS))
     _study_ref(exp)
     exp.add_argument("--trial", default="best", help="'best' (the best feasible trial) or a trial number")
     exp.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")

@@ -48,6 +48,9 @@ def pruned_or_reshaped(pipelines: list[list[str]], fmt: str, sparse_ok: bool, gg
     for methods in pipelines:
         if "gguf" in methods and not ggml_ok:
             return f"--format {fmt} cannot hold gguf's llama.cpp block types; use --format gguf (or dense)."
+        if "drop" in methods:
+            return (f"--format {fmt} cannot hold a profile with dropped blocks or sub-blocks: a Hugging Face config "
+                    "counts every layer; use --format packed.")
         if "l2_pruning" in methods:
             return (f"--format {fmt} cannot hold l2_pruning: it removes channels and heads per block, which a "
                     "Hugging Face config cannot describe; use --format packed.")

@@ -33,7 +33,13 @@ from compactmind.packing import on_grid
 
 FILE = "model.gguf"
 TOLERANCE = 1e-4  # transformers dequantizes to the evaluated floats; a row permutation is exact
-_NOT_GGUF = ("l2_pruning", "rtn", "gptq", "awq", "int8_sq")
+_KBIT = "stores k-bit groups that are not a GGUF block type; search gguf(type=...) instead"
+_NOT_GGUF = {  # method: what it stores that a GGUF file cannot
+    "l2_pruning": "removes channels and heads per block, which llama.cpp's loader cannot describe",
+    "rtn": _KBIT, "gptq": _KBIT, "awq": _KBIT, "int8_sq": _KBIT,
+    "fp8": "stores FP8 (E4M3) values, for which GGUF has no type",
+    "drop": "removes blocks or sub-blocks, while llama.cpp's loader expects every layer",
+}
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
 
@@ -41,10 +47,7 @@ def refusal(pipelines: list[list[str]]) -> str | None:
     for methods in pipelines:
         for m in methods:
             if m in _NOT_GGUF:
-                what = ("removes channels and heads per block, which llama.cpp's loader cannot describe"
-                        if m == "l2_pruning" else "stores k-bit groups that are not a GGUF block type")
-                return f"--format gguf cannot hold {m}: it {what}; search gguf(type=...) instead, or export " \
-                       "--format packed."
+                return f"--format gguf cannot hold {m}: it {_NOT_GGUF[m]}; or export --format packed."
     return None
 
 

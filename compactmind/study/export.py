@@ -38,15 +38,25 @@ def pick_trial(records, which: str):
 
 
 def _methods_of(trial, records) -> list[list[str]]:
-    """The method names of each pipeline the trial applies (every level a dynamic profile uses)."""
+    """The method names of each pipeline the trial applies: a static trial's steps; a dynamic profile's chosen
+    option of every unit (a level's steps, `drop` for a removed block or sub-block, and the method an embedding
+    unit's own option stands for: fp16, rtn, or gguf for a llama.cpp type)."""
     from compactmind import pipeline as pl
+    from compactmind.dynamic import DROP
 
-    if trial.get("profile") is not None:
-        levels = (records.dynamic or {}).get("levels", [])
-        labels = [levels[i] for i in sorted(set(trial.get("profile")))]
-    else:
-        labels = [trial.pipeline]
-    return [[s.method for s in pl.parse(label).steps] for label in labels]
+    if trial.get("profile") is None:
+        return [[s.method for s in pl.parse(trial.pipeline).steps]]
+    options = (records.dynamic or {}).get("options", [])
+    out = []
+    for label in sorted({options[u][i] for u, i in enumerate(trial.get("profile"))}):
+        if label == DROP:
+            out.append([DROP])
+        elif ": " in label:  # an embedding unit's option, "embed: int8 per row"
+            kind = label.split(": ", 1)[1]
+            out.append(["fp16" if kind == "fp16" else "rtn" if kind.startswith("int") else "gguf"])
+        else:
+            out.append([s.method for s in pl.parse(label).steps])
+    return out
 
 
 def export_trial(local: RunConfig, which: str, out: Path, verify: bool, fmt: str = "packed") -> list[str]:

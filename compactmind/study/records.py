@@ -29,7 +29,6 @@ class TrialStatus(str, enum.Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C: run again when the study resumes
     TERMINATED = "terminated"  # SIGTERM (Slurm, Kubernetes, systemd): run again when the study resumes
     KILLED = "killed"  # its process died without a word (kill -9, a lost machine): failed by the heartbeat
-    LOST = "lost"  # another worker failed it while it ran (it looked stale): run again
     STAGE = "stage"  # an EvoPress selection stage: scored on a draw of windows, the best go on to the next
     SPARE = "spare"  # a grid trial that found every candidate taken by other workers
 
@@ -39,7 +38,7 @@ FAILED_OF_ITSELF = (TrialStatus.FAILED.value, TrialStatus.OUT_OF_MEMORY.value)  
 
 def holds_configuration(state: TrialState, status: str | None) -> bool:
     """Whether a trial has its configuration done (or in hand): any trial but a failed one, unless it failed of
-    itself; a killed, interrupted, terminated or lost one holds nothing, and its configuration runs again."""
+    itself; a killed, interrupted or terminated one holds nothing, and its configuration runs again."""
     return state != TrialState.FAIL or status in FAILED_OF_ITSELF
 
 
@@ -96,7 +95,7 @@ def meta_attr(part: str) -> str:
 
 def study_meta(user_attrs: dict) -> dict:
     """A study's own record: identity, about (paths and labels), config, dense baseline, and a dynamic study's
-    levels (levels, level_ratios, level_seconds, units, rest_from) at the top level."""
+    levels (levels, level_ratios, level_seconds, units, options, rest_from) at the top level."""
     meta = dict(user_attrs.get(LEGACY_ATTR) or {})
     for part in META_PARTS:
         value = user_attrs.get(meta_attr(part))
@@ -280,7 +279,7 @@ def collect(study: optuna.Study, storage_url: str) -> StudyRecords:
     front = study.best_trials if any(t.state == TrialState.COMPLETE for t in frozen) else []
     pareto = sorted((record(t) for t in front if "duplicate_of" not in t.user_attrs),
                     key=lambda r: r.compression_ratio)
-    dynamic = {k: meta[k] for k in ("levels", "level_ratios", "level_seconds", "units", "rest_from")
+    dynamic = {k: meta[k] for k in ("levels", "level_ratios", "level_seconds", "units", "options", "rest_from")
                if k in meta} or None
     return StudyRecords(
         study=study.study_name, storage=safe_url(storage_url),
