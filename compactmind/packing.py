@@ -1,7 +1,8 @@
 """The packed format's tensors of each weight (packed.py describes the format; formats.layout says how many bytes
 each part takes): integer codes and zero points bit-packed, FP16 scales, kept-position bitmaps for sparse weights,
 floats in the narrowest type that holds them exactly. Every packed tensor is checked against its layout and
-against the weight that was evaluated. The packed writer (deploy/packed_folder.py) and the level database (dynamic.py) use it.
+against the weight that was evaluated. The packed writer (deploy/packed_folder.py) and the level database
+(dynamic.py) use it.
 """
 
 from __future__ import annotations

@@ -41,14 +41,15 @@ def reload_with_transformers(folder: Path, device) -> nn.Module:
 
 
 def pruned_or_reshaped(pipelines: list[list[str]], fmt: str, sparse_ok: bool, ggml_ok: bool = False) -> str | None:
-    """The refusal every Hugging Face folder format shares: structured pruning (per-layer shapes a config cannot
-    describe) and, unless sparse_ok, sparsity."""
+    """The refusal every Hugging Face folder format shares: structured pruning and dropped blocks (per-layer shapes
+    and layer counts a config cannot describe) and, unless sparse_ok, sparsity."""
+    from compactmind.dynamic import DROP
     from compactmind.registry import Kind, get_method
 
     for methods in pipelines:
         if "gguf" in methods and not ggml_ok:
             return f"--format {fmt} cannot hold gguf's llama.cpp block types; use --format gguf (or dense)."
-        if "drop" in methods:
+        if DROP in methods:
             return (f"--format {fmt} cannot hold a profile with dropped blocks or sub-blocks: a Hugging Face config "
                     "counts every layer; use --format packed.")
         if "l2_pruning" in methods:

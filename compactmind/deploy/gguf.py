@@ -38,7 +38,7 @@ _NOT_GGUF = {  # method: what it stores that a GGUF file cannot
     "l2_pruning": "removes channels and heads per block, which llama.cpp's loader cannot describe",
     "rtn": _KBIT, "gptq": _KBIT, "awq": _KBIT, "int8_sq": _KBIT,
     "fp8": "stores FP8 (E4M3) values, for which GGUF has no type",
-    "drop": "removes blocks or sub-blocks, while llama.cpp's loader expects every layer",
+    "drop": "removes blocks or sub-blocks, while llama.cpp's loader expects every layer",  # dynamic.DROP
 }
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 

@@ -1,4 +1,5 @@
-"""Pure tensor functions for quantization (fake quantization: quantize, then dequantize in the input dtype), and\nthe glue the weight-only quantizers share (their parameters, writing a quantized weight, casts)."""
+"""Pure tensor functions for quantization (fake quantization: quantize, then dequantize in the input dtype), and
+the glue the weight-only quantizers share (their parameters, writing a quantized weight, casts)."""
 
 from __future__ import annotations
 
