@@ -46,9 +46,10 @@ def _methods_of(trial, records) -> list[list[str]]:
 
     if trial.get("profile") is None:
         return [[s.method for s in pl.parse(trial.pipeline).steps]]
-    options = (records.dynamic or {}).get("options", [])
+    profile, dynamic = trial.get("profile"), records.dynamic or {}
+    options = dynamic.get("options") or [dynamic.get("levels", [])] * len(profile)  # a study from before options
     out = []
-    for label in sorted({options[u][i] for u, i in enumerate(trial.get("profile"))}):
+    for label in sorted({options[u][i] for u, i in enumerate(profile)}):
         if label == DROP:
             out.append([DROP])
         elif ": " in label:  # an embedding unit's option, "embed: int8 per row"
