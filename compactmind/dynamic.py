@@ -515,6 +515,17 @@ def _gguf_types(db: "LevelDB") -> list[str]:
     return sorted({s.params.type for lv in db.levels for s in lv.pipeline.steps if s.method == "gguf"})
 
 
+def option_methods(label: str) -> list[str]:
+    """The method names an option label stands for (export's refusals read them): a level's steps, [DROP], or an
+    embedding unit's own option ("embed: int8 per row", as embedding_options names them): fp16, rtn or gguf."""
+    if label == DROP:
+        return [DROP]
+    if ": " in label:
+        kind = label.split(": ", 1)[1]
+        return ["fp16" if kind == "fp16" else "rtn" if kind.startswith("int") else "gguf"]
+    return [s.method for s in pl.parse(label).steps]
+
+
 def embedding_options(db: "LevelDB", unit: Unit) -> list[tuple[Option, Callable[[], tuple[nn.Module, ...]]]]:
     """The token embedding's (or an untied head's) options, least compressing first: GGUF types when the levels
     are GGUF types (Q8_0, Q6_K and theirs), else FP16, 8-bit per row and 4-bit per group of 64 (round-to-

@@ -42,22 +42,13 @@ def _methods_of(trial, records) -> list[list[str]]:
     option of every unit (a level's steps, `drop` for a removed block or sub-block, and the method an embedding
     unit's own option stands for: fp16, rtn, or gguf for a llama.cpp type)."""
     from compactmind import pipeline as pl
-    from compactmind.dynamic import DROP
+    from compactmind.dynamic import option_methods
 
     if trial.get("profile") is None:
         return [[s.method for s in pl.parse(trial.pipeline).steps]]
     profile, dynamic = trial.get("profile"), records.dynamic or {}
     options = dynamic.get("options") or [dynamic.get("levels", [])] * len(profile)  # a study from before options
-    out = []
-    for label in sorted({options[u][i] for u, i in enumerate(profile)}):
-        if label == DROP:
-            out.append([DROP])
-        elif ": " in label:  # an embedding unit's option, "embed: int8 per row"
-            kind = label.split(": ", 1)[1]
-            out.append(["fp16" if kind == "fp16" else "rtn" if kind.startswith("int") else "gguf"])
-        else:
-            out.append([s.method for s in pl.parse(label).steps])
-    return out
+    return [option_methods(label) for label in sorted({options[u][i] for u, i in enumerate(profile)})]
 
 
 def export_trial(local: RunConfig, which: str, out: Path, verify: bool, fmt: str = "packed") -> list[str]:
