@@ -162,3 +162,35 @@ def test_two_runs_creating_one_study_name_with_different_settings_never_both_pro
     second.join()
     assert outcome["first"] == "proceeds"
     assert "target_ratio (the study: 0.5; this run: 0.7)" in outcome["second"]
+
+
+_TAKER = """
+import sys, time, warnings
+import optuna
+from compactmind.study import storage as S
+warnings.simplefilter("ignore")
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="q", storage=S.open_storage(sys.argv[1]))
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+print(" ".join(str(study.ask().number) for _ in range(20)))
+"""
+
+
+def test_workers_taking_enqueued_trials_at_the_same_instant_never_take_the_same_one(tmp_path):
+    # Optuna takes a WAITING trial by reading its state, then writing RUNNING: unless the read is inside the
+    # write's transaction, two workers both see WAITING and both run that trial (seen as 29 trials from 3x10).
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="q", storage=S.open_storage(url))
+    for i in range(60):
+        study.enqueue_trial({"x": i})
+    start = str(time.time() + 6)  # every process imported and connected, then all ask at once
+    procs = [subprocess.Popen([sys.executable, "-c", _TAKER, url, start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    taken = []
+    for p in procs:
+        out, err = communicate(p, 120)
+        assert p.returncode == 0, err.decode()[-2000:]
+        taken += out.split()
+    assert len(taken) == 60 and len(set(taken)) == 60
+    assert len(study.trials) == 60

@@ -131,17 +131,23 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _has_studies_table(path: Path) -> bool:
+    """Read without write access. A WAL file's last writer removes its -wal and -shm files as it exits, and a
+    read-only connection opened in that instant fails: such a failure is asked again before it counts."""
     import sqlite3
 
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    for attempt in range(10):
         try:
-            return con.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() \
-                is not None
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return False
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+            try:
+                return con.execute("select 1 from sqlite_master where type='table' and name='studies'") \
+                    .fetchone() is not None
+            finally:
+                con.close()
+        except sqlite3.OperationalError:
+            time.sleep(0.05 * (attempt + 1))
+        except sqlite3.Error:
+            return False
+    return False
 
 
 try:
@@ -165,10 +171,26 @@ class SQLiteStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage on an SQLite file, each write retried with exponential backoff when SQLite refuses
     it as locked. SQLite waits for a lock under its busy timeout, except when two transactions that both read
     then want to write would deadlock: then it answers "database is locked" at once and rolls one back, and
-    the write can simply run again. Reads never meet that case, so only the writes are retried. A study reaches
+    the write can simply run again. Reads never meet that case, so only the writes are retried.
+
+    A storage that writes begins every transaction with BEGIN IMMEDIATE (`serialized`), so one writer at a time
+    holds the write lock from its first read: Optuna's writes read a trial's state, then change it
+    (WAITING -> RUNNING when a worker takes an enqueued trial, RUNNING -> FAIL when a stale one is failed), and
+    Python's sqlite3 driver otherwise runs that read outside any transaction, where two workers can both see
+    WAITING and both take the same trial. Readers of a WAL file are not blocked by it. A study reaches
     this storage through Optuna's cache, which creates trials and sets parameters by the storage's private
     methods: those two writes are not retried here (they wait under SQLite's busy timeout only), as wrapping
     Optuna's private methods would break with its next release."""
+
+    def __init__(self, url: str, engine_kwargs: dict, serialized: bool = True, **kwargs):
+        if serialized:  # the driver's own transaction handling off: each transaction begins as below
+            engine_kwargs = {**engine_kwargs, "connect_args": {**engine_kwargs.get("connect_args", {}),
+                                                                "isolation_level": None}}
+        super().__init__(url, engine_kwargs=engine_kwargs, **kwargs)
+        if serialized:
+            from sqlalchemy import event
+
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
     def _retry(self, write, *args, **kwargs):
         for attempt in range(LOCKED_RETRIES + 1):
@@ -303,7 +325,9 @@ def open_storage(url: str, create: bool = True, readonly: bool = False) -> optun
                 heartbeat_stale_trial_callback=_retry_what_it_held)
             if path is not None and writing:
                 _wal(path)
-            return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **heartbeat)
+            serialized = {"serialized": writing} if path else {}
+            return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **serialized,
+                                 **heartbeat)
     except Exception as exc:  # driver, network and schema errors all end here, as one sentence
         raise StorageError(f"Cannot open the storage {safe_url(url)}: {scrub(_first_line(exc), url)}; check --storage "
                            "(an Optuna RDB URL such as sqlite:///storage/compactmind.db).") from exc
