@@ -11,8 +11,10 @@ is left to finish. Checked:
 - each TERM/INT round ends by itself with exit 143/130 (or 0 when the run had finished), without a traceback,
   within --max_exit_s (a round that hangs gets its stacks dumped with SIGUSR1, then is killed: a failure);
 - after each TERM/INT round no trial is RUNNING, and report.json, when the round wrote one, equals the storage;
-- at the end: every candidate configuration finished (COMPLETE or PRUNED) exactly once (a static study), no trial
-  is left RUNNING or WAITING, and report.json lists exactly the storage's trials, with the same states and values.
+- at the end: every candidate configuration finished (COMPLETE or PRUNED) exactly once (a static study), or no
+  profile was measured twice at one selection stage and every baseline and the best trial were measured on the test
+  windows (a dynamic study); no trial is left RUNNING or WAITING, and report.json lists exactly the storage's
+  trials, with the same states and values.
 Prints the rounds and the checks, and exits 1 when a check fails.
 """
 
@@ -101,7 +103,10 @@ def check(storage_url: str, study_name: str, output_dir: Path, final: bool) -> l
     if left:
         problems.append(f"{len(left)} left RUNNING{' or WAITING' if final else ''}: {left[:5]}")
     meta = study_meta(study.user_attrs)
-    if final and not meta.get("dynamic"):
+    dynamic = "units" in meta  # a dynamic study's levels and units sit at the top of its record
+    if final and dynamic:
+        problems += _dynamic_problems(study, trials)
+    if final and not dynamic:
         candidates = set(meta["about"]["candidates"])  # as the study's model made them
         finished = [t.user_attrs["pipeline"] for t in trials
                     if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "pipeline" in t.user_attrs
@@ -115,6 +120,8 @@ def check(storage_url: str, study_name: str, output_dir: Path, final: bool) -> l
     if not report_path.exists():
         return problems + (["no report.json"] if final else [])
     report = json.loads(report_path.read_text())
+    if final and dynamic and "perplexity" not in (report.get("best") or {}):
+        problems.append("report.json has no best trial measured on the test windows")
     names = study.metric_names
     stored = {t.number: (t.state.name, t.values if t.state == TrialState.COMPLETE else None) for t in trials}
     reported = {t["number"]: (t["state"], [t[n] for n in names] if t["state"] == "COMPLETE" else None)
@@ -123,6 +130,24 @@ def check(storage_url: str, study_name: str, output_dir: Path, final: bool) -> l
         differ = sorted(n for n in set(stored) | set(reported) if stored.get(n) != reported.get(n))
         problems.append(f"report.json differs from the storage on trials {differ[:10]}")
     return problems
+
+
+def _dynamic_problems(study, trials) -> list[str]:
+    """A dynamic study scores a profile many times (each selection stage is a trial): no stage's profile was
+    measured twice, and every baseline that completed was measured on the test windows."""
+    from optuna.trial import TrialState
+
+    from compactmind.study.records import BASELINE_ATTR, TEST_ATTR
+
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                and "duplicate_of" not in t.user_attrs and t.user_attrs.get("status") != "spare"]
+    twice = sorted(k for k, n in Counter(t.user_attrs.get("candidate") for t in finished).items() if k and n > 1)
+    untested = [t.number for t in finished if t.state == TrialState.COMPLETE
+                and t.user_attrs.get(BASELINE_ATTR) not in (None, "random")
+                and f"{TEST_ATTR}{t.number}" not in study.user_attrs]
+    return [f"{len(items)} {what}: {items[:5]}" for what, items in (
+        ("profiles measured more than once at one stage", twice),
+        ("baselines never measured on the test windows", untested)) if items]
 
 
 def main(argv: list[str] | None = None) -> int:

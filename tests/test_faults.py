@@ -165,3 +165,23 @@ def test_kill_nine_drill_short_version(tiny_model_dir, text_file, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("-> exit -9") >= 1, done.stdout  # at least one kill landed mid-study
     assert "every configuration finished exactly once" in done.stdout and "FAIL" not in done.stdout
+
+
+def test_term_drill_on_a_dynamic_study_short_version(tiny_model_dir, text_file, tmp_path):
+    """scripts/kill_resume.py on a dynamic study: its final check is the dynamic one (no profile measured twice
+    at one stage, baselines and the best measured on the test windows), not the static grid's."""
+    script = __import__("pathlib").Path(__file__).parents[1] / "scripts" / "kill_resume.py"
+    (tmp_path / "data").mkdir()
+    text = text_file.read_text()
+    (tmp_path / "data" / "test.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "data" / "valid.txt").write_text(text[len(text) // 2:])
+    done = subprocess.run(
+        [sys.executable, str(script), "--signal", "TERM", "--rounds", "2", "--min_s", "4", "--max_s", "8",
+         "--seed", "1", "--storage", f"sqlite:///{tmp_path}/drill.db", "--study_name", "drill",
+         "--output_dir", str(tmp_path / "out"), "--", "--dynamic", "--model_path", str(tiny_model_dir),
+         "--data_path", str(tmp_path / "data" / "test.txt"), "--seq_len", "48", "--max_eval_windows", "3",
+         "--data_samples", "3", "--selection_windows", "2", "--methods", "rtn", "--no_hybrids",
+         "--target_ratio", "0.74", "--n_trials", "8"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAIL" not in done.stdout and "final run: exit 0" in done.stdout, done.stdout
+    assert done.stdout.count("-> exit 143") + done.stdout.count("-> exit 0") == 2, done.stdout
