@@ -232,14 +232,17 @@ def _count(db: Path, sql: str) -> int:
 
 
 def _run_until(cmd, condition, timeout=300) -> subprocess.Popen:
-    """Start cmd and SIGKILL it as soon as condition() holds."""
+    """Start cmd and SIGKILL it as soon as condition() holds: each look is taken with the process stopped
+    (SIGSTOP), so what it saw is still so when the kill lands."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
+        proc.send_signal(signal.SIGSTOP)
         if condition():
             proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.01)
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
     proc.wait(timeout=60)
     return proc
 

@@ -47,15 +47,15 @@ def _state(study, trial):
 
 def test_sqlite_studies_are_in_wal_mode_so_a_reader_never_blocks_a_writer(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "SQLITE_BUSY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(S, "LOCKED_RETRIES", 0)  # a write that waited on the reader would fail, not retry
     storage = S.open_storage(f"sqlite:///{tmp_path}/s.db")
     study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "wal")
     reader = sqlite3.connect(tmp_path / "s.db")
     assert reader.execute("pragma journal_mode").fetchone()[0] == "wal"
     reader.execute("begin")
     reader.execute("select count(*) from trials").fetchone()  # a dashboard or `report` in the middle of a read
-    started = time.monotonic()
-    storage.set_study_user_attr(study_id, "written", True)
-    assert time.monotonic() - started < 0.4  # no wait on the reader (journal mode: a wait, then locked)
+    storage.set_study_user_attr(study_id, "written", True)  # journal mode: a wait of 0.5 s, then "locked"
+    assert storage.get_study_user_attrs(study_id) == {"written": True}
     reader.rollback()
     reader.close()
 
@@ -102,6 +102,18 @@ def test_a_trial_whose_process_on_this_machine_is_gone_is_failed_at_once(study):
     assert _state(study, alive) == TrialState.RUNNING and _state(study, elsewhere) == TrialState.RUNNING
 
 
+def test_the_retry_of_a_dead_process_trial_is_not_taken_for_dead_before_its_first_beat(study):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = _running(study, heartbeat_age_s=0, process=f"{HOST}:{dead.stdout.strip()}:1")
+    fail_lost_trials(study)
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert _state(study, killed) == TrialState.FAIL and len(retry) == 1 and retry[0].params == killed.params
+    assert PROCESS_ATTR not in retry[0].system_attrs  # the dead process is the killed trial's, not the copy's
+    assert study._storage.set_trial_state_values(retry[0]._trial_id, TrialState.RUNNING)  # a worker takes it
+    fail_lost_trials(study)  # another worker looks before the taker's first beat: the copy is stamped, not failed
+    assert _state(study, retry[0]) == TrialState.RUNNING
+
+
 def test_a_worker_whose_trial_was_failed_under_it_says_so_and_goes_on(tiny_model_dir, text_file, tmp_path):
     db = tmp_path / "s.db"
     cmd = [sys.executable, "-m", "compactmind", "run", "--model_path", str(tiny_model_dir), "--data_path",
@@ -109,11 +121,12 @@ def test_a_worker_whose_trial_was_failed_under_it_says_so_and_goes_on(tiny_model
            "0.0", "--methods", "fp16,bf16", "--no_hybrids", "--storage", f"sqlite:///{db}", "--study_name", "lost",
            "--output_dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    failed, deadline = None, time.time() + 120
-    while failed is None and time.time() < deadline:  # another worker decides the first trial is stale
+    failed, study, deadline = None, None, time.time() + 120
+    while failed is None and time.time() < deadline and proc.poll() is None:  # another worker calls one stale
         try:
-            storage = S.open_storage(f"sqlite:///{db}", create=False)
-            study = optuna.load_study(study_name="lost", storage=storage)
+            if study is None:
+                storage = S.open_storage(f"sqlite:///{db}", create=False)
+                study = optuna.load_study(study_name="lost", storage=storage)
             running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and t.params]
             if running:
                 storage.set_trial_state_values(running[0]._trial_id, state=TrialState.FAIL)

@@ -13,13 +13,15 @@ from compactmind import pipeline as pl
 
 
 def states(db):
-    con = sqlite3.connect(db, timeout=30)
+    """The trials' states, read-only (the writer may be stopped holding its lock); none before the file exists."""
     try:
-        return con.execute("select state from trials").fetchall()
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("select state from trials").fetchall()
+        finally:
+            con.close()
     except sqlite3.OperationalError:
         return []
-    finally:
-        con.close()
 
 
 def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_file, tmp_path):
@@ -33,11 +35,13 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tiny_model_dir, text_f
     deadline = time.time() + 120
     killed = False
     while time.time() < deadline and proc.poll() is None:
+        proc.send_signal(signal.SIGSTOP)  # what it reads stays so until the kill lands
         rows = [r[0] for r in states(db)]
         if sum(r in ("COMPLETE", "PRUNED") for r in rows) >= 4 and "RUNNING" in rows:
             proc.send_signal(signal.SIGKILL)
             killed = True
             break
+        proc.send_signal(signal.SIGCONT)
         time.sleep(0.05)
     proc.wait()
     assert killed, f"the study ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"

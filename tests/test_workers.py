@@ -28,8 +28,11 @@ METHODS = ["random_pruning", "fp16"]  # 16 configurations, hybrids among them
 def finished_labels(storage, name):
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
+    # A replay (duplicate_of) reuses a measurement: a killed trial's retry that finds its configuration measured
+    # meanwhile by a worker that took it in the moment it was held by no trial.
     done = [t.user_attrs.get("pipeline") for t in trials
-            if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get("status") != "spare"]
+            if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get("status") != "spare"
+            and "duplicate_of" not in t.user_attrs]
     return done, trials
 
 

@@ -29,12 +29,10 @@ import optuna
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
-from compactmind.study.storage import HEARTBEAT_S
+from compactmind.study.storage import HEARTBEAT_S, PROCESS_ATTR, STAMPED_ATTR
 
 log = logging.getLogger(__name__)
 
-PROCESS_ATTR = "compactmind:process"  # host:pid:start of the process running the trial
-STAMPED_ATTR = "compactmind:stamped"  # a heartbeat another worker stamped on a trial that had none
 HOST = socket.gethostname()
 
 
@@ -94,9 +92,11 @@ class Beating(BaseSampler):
         self.inner = inner
         self._beat: _Beat | None = None
         self.process = _this_process()
+        self.trial_number: int | None = None  # the trial this process took last
 
     def before_trial(self, study, trial):
         self.end()
+        self.trial_number = trial.number
         storage = study._storage
         if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
             self._beat = _Beat(storage, trial._trial_id)

@@ -112,8 +112,8 @@ def record_signal(trial: optuna.Trial, stop: interrupt.Interrupted) -> None:
         pass  # another worker failed it meanwhile, or the storage failed: the trial still ends FAIL
 
 
-def lost(trial: optuna.Trial) -> TrialLost:
-    return TrialLost(f"trial {trial.number} was failed by another worker while this one ran it (no beat of it "
+def lost(number: int) -> TrialLost:
+    return TrialLost(f"trial {number} was failed by another worker while this one ran it (no beat of it "
                      f"reached the storage for {GRACE_S:.0f} s); this worker drops it, and its configuration runs "
                      "again")
 
@@ -122,7 +122,7 @@ def objective(ctx: TrialSetup, trial: optuna.Trial) -> tuple[float, ...]:
     try:
         return _objective(ctx, trial)
     except optuna.exceptions.UpdateFinishedTrialError:
-        raise lost(trial) from None
+        raise lost(trial.number) from None
 
 
 def _objective(ctx: TrialSetup, trial: optuna.Trial) -> tuple[float, ...]:

@@ -245,15 +245,19 @@ def _guarded(ctx: TrialSetup, ran: list):
 
 def _optimize(study: optuna.Study, ctx: TrialSetup, ran: list, **kwargs) -> bool:
     """study.optimize; True when it stopped on a trial another worker failed under this one (Optuna's tell
-    refuses a finished trial), which this worker drops, saying so in one line, and goes on."""
+    refuses a finished trial, or the trial was failed while Optuna itself wrote to it: as it was taken, before
+    the objective, or as it was told), which this worker drops, saying so in one line, and goes on."""
     try:
         study.optimize(_guarded(ctx, ran), catch=(TrialFailed, TrialLost), **kwargs)
         return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("%s", lost(study.sampler.trial_number))  # as Optuna took it or told it: the sampler knows it
+        return True
     except ValueError as exc:
         if not ran or not str(exc).startswith("Cannot tell") or \
                 study._storage.get_trial(ran[-1]._trial_id).state == TrialState.RUNNING:
             raise
-        log.warning("%s", lost(ran[-1]))
+        log.warning("%s", lost(ran[-1].number))
         return True
 
 

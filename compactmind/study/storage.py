@@ -11,6 +11,7 @@ lock is never taken for dead. `study_lock` lets one process at a time create and
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -37,6 +38,8 @@ def _seconds(name: str, default: float) -> float:
 HEARTBEAT_S = _seconds("COMPACTMIND_HEARTBEAT_S", 5)  # a trial's beat interval
 SQLITE_BUSY_TIMEOUT_S = _seconds("COMPACTMIND_LOCK_WAIT_S", 30)  # SQLite's own wait for another writer's lock
 GRACE_S = SQLITE_BUSY_TIMEOUT_S + 2 * HEARTBEAT_S + 5  # no beat for this long: the trial's process is gone
+PROCESS_ATTR = "compactmind:process"  # host:pid:start of the process running a trial (study.liveness)
+STAMPED_ATTR = "compactmind:stamped"  # a heartbeat another worker stamped on a trial that had none
 LOCKED_RETRIES = 8  # then ours: the whole write again, after 0.1, 0.2, 0.4 ... 12.8 s
 
 
@@ -300,6 +303,10 @@ def _retry_what_it_held(study: optuna.Study, trial) -> None:
     global _RETRY
     if not trial.params:
         return
+    # The copy is a new trial: the dead process and a stamp are not its own. Inherited, they would let another
+    # worker take the copy for dead (its process is gone) in the moment between its taking and its first beat.
+    trial = copy.copy(trial)
+    trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in (PROCESS_ATTR, STAMPED_ATTR)}
     if _RETRY is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
