@@ -207,3 +207,24 @@ def test_workers_taking_enqueued_trials_at_the_same_instant_never_take_the_same_
         taken += out.split()
     assert len(taken) == 60 and len(set(taken)) == 60
     assert len(study.trials) == 60
+
+
+def test_a_trial_failed_by_another_worker_while_optuna_tells_it_is_dropped_in_one_line(study, monkeypatch, caplog):
+    # The moment between Optuna's check that the trial still runs and its write of the result: a peer fails it
+    # there (here: from the sampler's after_trial, which Optuna calls in that moment).
+    from optuna.samplers import RandomSampler
+
+    from compactmind.study import session
+    from compactmind.study.liveness import Beating
+
+    class PeerFailsItAsItIsTold(RandomSampler):
+        def after_trial(self, study, trial, state, values):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+    monkeypatch.setattr(session, "objective", lambda ctx, trial: trial.suggest_float("x", 0, 1))
+    study.sampler = Beating(PeerFailsItAsItIsTold())
+    ran = []
+    with caplog.at_level("WARNING"):
+        assert session._optimize(study, None, ran, n_trials=2) is True  # dropped, the worker goes on
+    assert len(ran) == 1 and _state(study, ran[0]) == TrialState.FAIL
+    assert f"trial {ran[0].number} was failed by another worker" in caplog.text

@@ -93,10 +93,11 @@ class Beating(BaseSampler):
         self._beat: _Beat | None = None
         self.process = _this_process()
         self.trial_number: int | None = None  # the trial this process took last
+        self.trial_id: int | None = None
 
     def before_trial(self, study, trial):
         self.end()
-        self.trial_number = trial.number
+        self.trial_number, self.trial_id = trial.number, trial._trial_id
         storage = study._storage
         if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
             self._beat = _Beat(storage, trial._trial_id)

@@ -244,21 +244,32 @@ def _guarded(ctx: TrialSetup, ran: list):
 
 
 def _optimize(study: optuna.Study, ctx: TrialSetup, ran: list, **kwargs) -> bool:
-    """study.optimize; True when it stopped on a trial another worker failed under this one (Optuna's tell
-    refuses a finished trial, or the trial was failed while Optuna itself wrote to it: as it was taken, before
-    the objective, or as it was told), which this worker drops, saying so in one line, and goes on."""
+    """study.optimize; True when it stopped on a trial another worker failed under this one, which this worker
+    drops, saying so in one line, and goes on."""
     try:
         study.optimize(_guarded(ctx, ran), catch=(TrialFailed, TrialLost), **kwargs)
         return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning("%s", lost(study.sampler.trial_number))  # as Optuna took it or told it: the sampler knows it
-        return True
-    except ValueError as exc:
-        if not ran or not str(exc).startswith("Cannot tell") or \
-                study._storage.get_trial(ran[-1]._trial_id).state == TrialState.RUNNING:
+    except Exception as exc:
+        trial_id = study.sampler.trial_id
+        if trial_id is None or not _refused_as_finished(exc) or \
+                study._storage.get_trial(trial_id).state == TrialState.RUNNING:
             raise
-        log.warning("%s", lost(ran[-1].number))
+        log.warning("%s", lost(study.sampler.trial_number))
         return True
+
+
+def _refused_as_finished(exc: BaseException | None) -> bool:
+    """Whether Optuna refused to write a trial because it had finished: its tell's "Cannot tell a FAIL trial",
+    or a write that found it finished (as it was taken or told). Optuna may raise another error over it (an
+    AssertionError in its own bookkeeping when the tell found the trial failed), so the chain is read."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or \
+                (isinstance(exc, ValueError) and str(exc).startswith("Cannot tell")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _run_grid(study: optuna.Study, cfg: RunConfig, ctx: TrialSetup, sampler: CandidateSampler) -> None:
