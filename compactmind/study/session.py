@@ -250,7 +250,7 @@ def _optimize(study: optuna.Study, ctx: TrialSetup, ran: list, **kwargs) -> bool
         study.optimize(_guarded(ctx, ran), catch=(TrialFailed, TrialLost), **kwargs)
         return False
     except Exception as exc:
-        trial_id = study.sampler.trial_id
+        trial_id = getattr(study.sampler, "trial_id", None)  # Beating's: the trial this process took last
         if trial_id is None or not _refused_as_finished(exc) or \
                 study._storage.get_trial(trial_id).state == TrialState.RUNNING:
             raise

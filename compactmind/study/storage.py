@@ -138,9 +138,9 @@ def _has_studies_table(path: Path) -> bool:
     read-only connection opened in that instant fails: such a failure is asked again before it counts."""
     import sqlite3
 
-    for attempt in range(10):
+    for attempt in range(6):  # at most about half a minute on a file another process keeps locked
         try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
             try:
                 return con.execute("select 1 from sqlite_master where type='table' and name='studies'") \
                     .fetchone() is not None
