@@ -172,9 +172,9 @@ def _is_locked(exc: BaseException | None) -> bool:
 
 class SQLiteStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage on an SQLite file, each write retried with exponential backoff when SQLite refuses
-    it as locked. SQLite waits for a lock under its busy timeout, except when two transactions that both read
-    then want to write would deadlock: then it answers "database is locked" at once and rolls one back, and
-    the write can simply run again. Reads never meet that case, so only the writes are retried.
+    it as locked. SQLite waits for a lock under its busy timeout; with every transaction beginning IMMEDIATE (below)
+    two writers can no longer deadlock, so "database is locked" now means that wait ran out, and the retries wait
+    longer (a read-only storage, which begins no IMMEDIATE transaction, never writes).
 
     A storage that writes begins every transaction with BEGIN IMMEDIATE (`serialized`), so one writer at a time
     holds the write lock from its first read: Optuna's writes read a trial's state, then change it
