@@ -95,8 +95,9 @@ def check(storage_url: str, study_name: str, output_dir: Path, final: bool) -> l
 
     try:
         study, _ = open_records(storage_url, study_name)
-    except Exception as exc:  # the round stopped before the study existed
-        return [] if not final else [f"the study cannot be read: {exc}"]
+    except Exception as exc:
+        before = any(x in str(exc) for x in ("does not exist", "holds no Optuna studies", "No study named"))
+        return [] if before and not final else [f"the study cannot be read: {exc}"]  # stopped before it existed
     trials = study.get_trials(deepcopy=False)
     problems = []
     left = [t.number for t in trials if t.state == TrialState.RUNNING or (final and t.state == TrialState.WAITING)]

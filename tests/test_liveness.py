@@ -230,3 +230,24 @@ def test_a_trial_failed_by_another_worker_while_optuna_tells_it_is_dropped_in_on
     assert len(ran) == 1 and _state(study, ran[0]) == TrialState.FAIL
     said = [r.getMessage() for r in caplog.records if r.name.startswith("compactmind")]
     assert len(said) == 1 and f"trial {ran[0].number} was failed by another worker" in said[0]
+
+
+def test_checking_the_storage_again_keeps_the_processs_sqlite_locks(tmp_path):
+    """A process that holds a study open and checks the storage again (a drill, the dashboard, a second command in
+    one process) must not drop its SQLite locks: were they dropped, another process's last close would delete the
+    WAL under it and its next reads would fail as a malformed database (CI saw a drill's final check fail so)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    writer = ("import sys, optuna\n"
+              "from compactmind.study import storage as S\n"
+              "s = optuna.create_study(study_name='w', storage=S.open_storage(sys.argv[1]), load_if_exists=True)\n"
+              "for _ in range(int(sys.argv[2])):\n"
+              "    t = s.ask(); t.set_user_attr('pad', 'x' * 2000); s.tell(t, 1.0)\n")
+    subprocess.run([sys.executable, "-c", writer, url, "5"], check=True, capture_output=True)
+    held = []  # every storage stays open, as in a long-lived reader
+    for expected in (5, 205, 405):
+        held.append(S.open_storage(url, create=False, readonly=True))
+        assert len(S.load_study(held[-1], "w").trials) == expected
+        subprocess.run([sys.executable, "-c", writer, url, "200"], check=True, capture_output=True)
+        S.check_storage(url, create=False)  # raised "holds no Optuna studies" when the locks were gone
+        with sqlite3.connect(f"file:{tmp_path}/s.db?mode=ro", uri=True) as con:
+            assert con.execute("select count(*) from trials").fetchone() == (expected + 200,)

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import optuna
@@ -94,14 +95,12 @@ def check_storage(url: str, create: bool = True) -> None:
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
             raise StorageError(f"Cannot create the study database {path}: its folder is not writable.")
     if path.is_file() and path.stat().st_size > 0:
-        try:
-            with open(path, "rb") as fh:
-                header = fh.read(16)
-        except OSError as exc:
-            raise StorageError(f"The study database {path} cannot be read ({exc.strerror}).") from None
-        if header != b"SQLite format 3\x00":
+        if not os.access(path, os.R_OK):
+            raise StorageError(f"The study database {path} cannot be read (permission denied).")
+        tables = _sqlite_tables(path)
+        if tables is None:
             raise StorageError(f"{path} is not an SQLite database; pass another --storage file.")
-        if not create and not _has_studies_table(path):
+        if not create and "studies" not in tables:
             raise StorageError(f"{path} is an SQLite database but holds no Optuna studies; pass the --storage "
                                "a study was run with.")
 
@@ -133,24 +132,32 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _has_studies_table(path: Path) -> bool:
-    """Read without write access. A WAL file's last writer removes its -wal and -shm files as it exits, and a
-    read-only connection opened in that instant fails: such a failure is asked again before it counts."""
+def _sqlite_tables(path: Path) -> set[str] | None:
+    """The file's table names, read by SQLite itself without write access; None when it is not an SQLite file.
+
+    The file is never opened by Python: closing any descriptor of a file drops every POSIX lock the process holds
+    on it, those of its open SQLite connections included (SQLite's "how to corrupt" 2.2). A process that then
+    reads the study while another writes it -- a drill, the dashboard, a worker checking the storage again --
+    lets the other process's last close delete the WAL under it, and its next reads fail as "malformed".
+    A WAL file's last writer removes its -wal and -shm files as it exits, and a read-only connection opened in
+    that instant fails: such a failure is asked again before it counts."""
     import sqlite3
 
     for attempt in range(6):  # at most about half a minute on a file another process keeps locked
         try:
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
             try:
-                return con.execute("select 1 from sqlite_master where type='table' and name='studies'") \
-                    .fetchone() is not None
+                return {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
             finally:
                 con.close()
         except sqlite3.OperationalError:
             time.sleep(0.05 * (attempt + 1))
-        except sqlite3.Error:
-            return False
-    return False
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                return None
+            raise StorageError(f"The study database {path} cannot be read: SQLite says {exc}.") from None
+    raise StorageError(f"The study database {path} cannot be read: SQLite kept refusing it (locked or being "
+                       "closed by another process); try again.")
 
 
 try:
@@ -295,6 +302,14 @@ def study_lock(storage: optuna.storages.RDBStorage, name: str):
 
 
 _RETRY = None
+_OPEN = weakref.WeakSet()  # every storage opened in this process, for close_all
+
+
+def close_all() -> None:
+    """Close every storage this process opened: its SQLite connections' last close folds the WAL back into the
+    database file, so the file alone holds the whole study (the program ends without the interpreter's teardown)."""
+    for storage in list(_OPEN):
+        storage.engine.dispose()
 
 
 def _retry_what_it_held(study: optuna.Study, trial) -> None:
@@ -333,8 +348,10 @@ def open_storage(url: str, create: bool = True, readonly: bool = False) -> optun
             if path is not None and writing:
                 _wal(path)
             serialized = {"serialized": writing} if path else {}
-            return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **serialized,
-                                 **heartbeat)
+            storage = storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=readonly, **serialized,
+                                    **heartbeat)
+            _OPEN.add(storage)
+            return storage
     except Exception as exc:  # driver, network and schema errors all end here, as one sentence
         raise StorageError(f"Cannot open the storage {safe_url(url)}: {scrub(_first_line(exc), url)}; check --storage "
                            "(an Optuna RDB URL such as sqlite:///storage/compactmind.db).") from exc
