@@ -1,5 +1,3 @@
-import sys
+from compactmind.cli import entry
 
-from compactmind.cli import main
-
-sys.exit(main())
+entry()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 
@@ -92,3 +93,25 @@ def guard():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _pending, _count = None, 0
+
+
+def end_on_signal() -> None:
+    """For the process's last moments, after the command (and its guard) ended: a signal ends the process at once,
+    its output flushed, with the signal's exit status (143 for SIGTERM, 130 for Ctrl-C). The interpreter's
+    teardown takes seconds with a model loaded; every result is written by then, and the default action would
+    end the process as killed by the signal, with its buffered output lost."""
+    def _end(signum, _frame):
+        flush_stdio()
+        os._exit(_exception_for(signum).exit_code)
+
+    for sig in _SIGNALS:
+        signal.signal(sig, _end)
+
+
+def flush_stdio() -> None:
+    """Flush standard output and error before a process ends without the interpreter's teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing more can be said
+            pass

@@ -97,6 +97,32 @@ def test_sigterm_while_the_reports_are_written_still_leaves_them_whole(tiny_mode
     assert (tmp_path / "out" / "search_space_analysis.png").stat().st_size > 0
 
 
+def test_a_signal_in_the_teardown_after_the_command_exits_as_compactmind_says_not_as_killed():
+    """The interpreter's teardown after the command (seconds with a model loaded; here an exit hook that waits)
+    still answers SIGTERM with compactmind's status, 143, and the output written so far, never as killed (-15)."""
+    child = textwrap.dedent("""
+        import atexit, sys, time
+        from compactmind import cli
+        atexit.register(lambda: (print("teardown", flush=True), time.sleep(60)))
+        sys.argv = ["compactmind", "methods"]
+        cli.entry()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "teardown":
+                proc.send_signal(signal.SIGTERM)
+                break
+        communicate(proc, 30)
+        assert lines and lines[-1].strip() == "teardown", "".join(lines)[-2000:]
+        assert "gptq" in "".join(lines)  # the command's own output came first
+        assert proc.returncode == 143
+    finally:
+        proc.kill()
+
+
 def test_a_signal_after_the_last_trials_checkpoint_is_not_dropped(tiny_model_dir, text_file, tmp_path, monkeypatch,
                                                                   capsys):
     from compactmind.study import objective

@@ -7,8 +7,10 @@ exit code: 1 for a problem with the input or environment, 2 for a malformed comm
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
+import os
 import signal
 import sys
 
@@ -17,7 +19,7 @@ from compactmind.cli.commands import COMMANDS
 from compactmind.cli.parser import apply_study_file, build_parser, parse_config
 from compactmind.errors import CompactMindError
 
-__all__ = ["build_parser", "main", "parse_config"]
+__all__ = ["build_parser", "entry", "main", "parse_config"]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -131,5 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The `compactmind` program: the command, then the exit. Python puts the default signal handlers back before
+    its teardown (seconds with a model loaded), so a signal there would end the process as killed (-15), its
+    buffered output lost. The exit therefore closes the storages, runs the exit hooks with a signal still
+    answered by compactmind's status (interrupt.end_on_signal), and ends the process without that teardown:
+    every result is written by then."""
+    code = main()
+    interrupt.end_on_signal()
+    if "compactmind.study.storage" in sys.modules:
+        sys.modules["compactmind.study.storage"].close_all()
+    atexit._run_exitfuncs()  # logging's flush and any hook a library registered
+    interrupt.flush_stdio()
+    os._exit(code if isinstance(code, int) else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
