@@ -158,14 +158,19 @@ def postgres(tmp_path_factory):
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
         os.chmod(root, 0o777)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for cmd in ([initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
-                [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
-                 f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200", "start"]):
-        done = subprocess.run(as_user + cmd, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"{cmd[0]} failed: {done.stdout[-1000:]} {done.stderr[-1000:]}"
+    done = subprocess.run(as_user + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"initdb failed: {done.stdout[-1000:]} {done.stderr[-1000:]}"
+    for _ in range(3):  # a free port can be taken by another process between its probe and the server's bind
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
+                                         f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200", "start"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            break
+    assert done.returncode == 0, f"pg_ctl start failed: {done.stdout[-1000:]} {done.stderr[-1000:]}"
     try:
         import psycopg2
 
