@@ -57,16 +57,22 @@ def phase_of(lines: list[str]) -> str:
     return phase
 
 
-def run_once(cmd: list[str], sig: str, after: float | None, log, max_exit_s: float) -> tuple[int | None, float, str]:
-    """(exit code or None when it hung, seconds, its output)."""
+def run_once(cmd: list[str], sig: str, after: float | None, log,
+             max_exit_s: float) -> tuple[int | None, float, str, str | None]:
+    """(exit code or None when it hung, seconds, its output, its output before the signal or None when the run
+    ended before it was sent). The phase a signal landed in is read from the output before it: after a signal the
+    run writes its reports, so its last lines always say so."""
     started = time.monotonic()
     start_at = log.tell()
-    env = {**os.environ, "COMPACTMIND_LOG_EVERY_S": "1"}
+    env = {**os.environ, "COMPACTMIND_LOG_EVERY_S": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+    before = None
     try:
         proc.wait(timeout=after)
     except subprocess.TimeoutExpired:
+        signalled_at = os.fstat(log.fileno()).st_size  # the child writes to the file itself, unbuffered
         proc.send_signal(SIGNALS[sig])
+        before = _since(log, start_at, signalled_at)
         try:
             proc.wait(timeout=max_exit_s)
         except subprocess.TimeoutExpired:
@@ -75,15 +81,15 @@ def run_once(cmd: list[str], sig: str, after: float | None, log, max_exit_s: flo
             proc.kill()
             proc.wait()
             log.flush()
-            return None, time.monotonic() - started, _since(log, start_at)
+            return None, time.monotonic() - started, _since(log, start_at), before
     log.flush()
-    return proc.returncode, time.monotonic() - started, _since(log, start_at)
+    return proc.returncode, time.monotonic() - started, _since(log, start_at), before
 
 
-def _since(log, offset: int) -> str:
+def _since(log, offset: int, end: int | None = None) -> str:
     with open(log.name, "rb") as fh:
         fh.seek(offset)
-        return fh.read().decode(errors="replace")
+        return fh.read(-1 if end is None else max(0, end - offset)).decode(errors="replace")
 
 
 def check(storage_url: str, study_name: str, output_dir: Path, final: bool) -> list[str]:
@@ -179,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(log_path, "ab") as log:
         for i in range(1, args.rounds + 1):
             after = rng.uniform(args.min_s, args.max_s)
-            rc, took, output = run_once(cmd, args.signal, after, log, args.max_exit_s)
-            landed = phase_of([x for x in output.splitlines() if x.strip()]) if rc != 0 else "after the run ended"
+            rc, took, output, before = run_once(cmd, args.signal, after, log, args.max_exit_s)
+            landed = "after the run ended" if before is None else phase_of([x for x in before.splitlines() if x.strip()])
             phases[landed] += 1
             codes[rc] += 1
             problems = _round_problems(args.signal, rc, output)
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += [f"round {i}: {x}" for x in problems]
             print(f"round {i:2d}: SIG{args.signal} after {after:5.1f} s ({landed}) -> exit {rc}, {took:5.1f} s"
                   + (f"  FAIL: {'; '.join(problems)}" if problems else ""), flush=True)
-        rc, took, output = run_once(cmd, args.signal, None, log, args.max_exit_s)
+        rc, took, output, _ = run_once(cmd, args.signal, None, log, args.max_exit_s)
     print(f"final run: exit {rc} after {took:.1f} s", flush=True)
     print(f"signals landed: {dict(phases)}; exit codes: {dict(codes)}")
     if rc != 0:
