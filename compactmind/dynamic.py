@@ -470,10 +470,14 @@ class LevelDB:
             log.info("the level database (%.1f GiB) does not fit in memory; units are read from disk as they are "
                      "swapped in", need / 2**30)
             return
+        started = time.perf_counter()
         for i, lv in enumerate(self.levels):
+            interrupt.checkpoint()  # once per level read: seconds each for a large model
             for u, unit in enumerate(self.units):
                 if unit.kind != "embedding":
                     self._memory[(u, i)] = self._load(lv, unit)
+        log.info("level database in memory: %d levels of %d units (%.2f GiB) in %.1f s", len(self.levels),
+                 len(self.units), need / 2**30, time.perf_counter() - started)
 
     @property
     def in_memory(self) -> bool:

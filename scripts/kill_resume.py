@@ -44,7 +44,11 @@ def phase_of(lines: list[str]) -> str:
             phase, dynamic = "dense baseline", "levels per" in line
         elif "dense perplexity" in line:
             phase = "level build" if dynamic else "trials"
-        elif line.startswith("[trial "):
+        elif re.match(r"level (\d+)/\1\b", line):  # the last level built or read
+            phase = "level database load"
+        elif line.startswith("level database") or "the level database" in line:
+            phase = "trial setup"  # the dense reference for KL, then the first trial
+        elif line.startswith("[trial ") or line.startswith("dense reference"):
             phase, trials = "trials", True
         elif "compressing" in line:
             phase = "trial compression" if trials or not dynamic else "level build"

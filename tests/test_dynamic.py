@@ -403,3 +403,25 @@ def test_the_staged_schedule_gives_each_stage_exactly_its_survivors_and_windows(
     best_two = sorted(first[0], key=lambda t: t.user_attrs["selection_perplexity"])[:2]
     assert {tuple(t.params.values()) for t in first[1]} == {tuple(t.params.values()) for t in best_two}
     assert 1 in by_gen and len(by_gen[1][0]) >= 1  # then the next generation
+
+
+def test_a_stop_asked_for_while_the_levels_are_read_or_the_kl_reference_is_measured_takes_effect_there(tmp_path):
+    """Both steps come between the levels and the first trial and take seconds to minutes on a real model: each
+    is a checkpoint per level read and per window, not a stretch a signal has to wait out."""
+    from compactmind import interrupt
+    from compactmind.study.spaces import Scorer
+
+    executor, db = build(tmp_path)
+    assert db.in_memory
+    db._memory.clear()
+    scorer = Scorer("selection_kl", executor.data.windows, "selection_", None)
+    with interrupt.guard():
+        interrupt.request(interrupt.Terminated)
+        with pytest.raises(interrupt.Terminated):
+            db.keep_in_memory_if_it_fits()
+        assert not db.in_memory  # stopped before the first level was read
+        interrupt.request(interrupt.Interrupted)
+        with pytest.raises(interrupt.Interrupted):
+            scorer.prepare(executor)
+    scorer.prepare(executor)  # no stop asked: the reference is measured
+    assert scorer.reference(executor).shape[0] == executor.data.windows.shape[0]

@@ -12,14 +12,17 @@ on the test windows at the end (session.finalize).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
 import optuna
 import torch
 
+from compactmind import interrupt
 from compactmind import pipeline as pl
 from compactmind.dynamic import LevelDB, Profile
 from compactmind.errors import ConfigError
@@ -27,6 +30,8 @@ from compactmind.evaluate import kl_divergence, running_mean, window_logprobs
 from compactmind.registry import get_method
 from compactmind.space import Categorical, Int
 from compactmind.executor import Compressed, Executor
+
+log = logging.getLogger(__name__)
 
 
 def _suggest(trial: optuna.Trial, name: str, spec):
@@ -235,7 +240,12 @@ class Scorer:
         if not self.capped and self._reference is None:
             executor.restore()
             device = next(executor.model.parameters()).device
-            self._reference = torch.cat([window_logprobs(executor.model, w[None].to(device)) for w in self.windows])
+            started, rows = time.perf_counter(), []
+            for w in self.windows:
+                interrupt.checkpoint()  # once per window, as every evaluation
+                rows.append(window_logprobs(executor.model, w[None].to(device)))
+            self._reference = torch.cat(rows)
+            log.info("dense reference for KL: %d windows in %.1f s", len(rows), time.perf_counter() - started)
 
     def reference(self, executor: Executor) -> torch.Tensor:
         if self._reference is None:
