@@ -2,8 +2,9 @@
 handler and raised by compactmind itself at its own checkpoints, never from inside a library call.
 
 The checkpoints, each a call of `checkpoint()`: between trials, between a trial's steps, once per calibration
-block, once per evaluation batch, once per level built, once per chosen trial in a dynamic study's final
-measurement, and between report files. At a checkpoint the recorded signal raises `Interrupted` (Ctrl-C) or
+block, once per evaluation batch (and per window of a dynamic study's dense KL reference), once per level built
+and per level read into memory, once per chosen trial in a dynamic study's final measurement, and between report
+files. At a checkpoint the recorded signal raises `Interrupted` (Ctrl-C) or
 `Terminated` (SIGTERM), both KeyboardInterrupt subclasses, so code that ends on Ctrl-C ends on them too.
 
 A second signal of either kind raises at once (as the first one's kind), wherever the main thread is (the
