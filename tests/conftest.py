@@ -110,6 +110,22 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """The real-model (slow) files first: under pytest-xdist's `--dist loadfile` a file runs on one worker, and the
+    longest ones handed out last would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: files keep their order
+
+
+@pytest.fixture
+def alone(tmp_path_factory):
+    """For a test that runs several compactmind processes at once: such tests take turns across pytest-xdist's
+    workers (`make test` runs two), so none of them shares the two cores with another crowd of processes."""
+    from filelock import FileLock
+
+    with FileLock(tmp_path_factory.getbasetemp().parent / "compactmind-alone.lock"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def _test_cache(tmp_path_factory) -> str:
     """The session's own cache folder, except converted GGUF models: those are keyed by the file's path, size and

@@ -201,7 +201,7 @@ def test_a_depth_profile_exports_packed_and_the_formats_that_cannot_hold_it_refu
     assert manifest["verified_perplexity"] == pytest.approx(best["perplexity"], rel=1e-5)
 
 
-def test_many_workers_share_a_dynamic_study_without_evaluating_a_profile_twice(tiny_model_dir, data_dir):
+def test_many_workers_share_a_dynamic_study_without_evaluating_a_profile_twice(alone, tiny_model_dir, data_dir):
     tmp = data_dir
     create = dynamic_args(tiny_model_dir, tmp, name="w")
     create[1] = "create"
@@ -210,9 +210,14 @@ def test_many_workers_share_a_dynamic_study_without_evaluating_a_profile_twice(t
     cmd = [sys.executable, "-m", "compactmind", "-q", "worker", "--study_name", "w", "--storage",
            f"sqlite:///{tmp}/s.db", "--n_trials", "10"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
-    for p in procs:
-        _, err = communicate(p, 600)
-        assert p.returncode == 0, err.decode()[-2000:]
+    try:
+        for p in procs:
+            _, err = communicate(p, 600)
+            assert p.returncode == 0, err.decode()[-2000:]
+    finally:  # a failed check leaves no worker running into the next test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp}/s.db")
     evaluated = [t.user_attrs["candidate"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")
                  and "duplicate_of" not in t.user_attrs and "candidate" in t.user_attrs]
@@ -243,6 +248,8 @@ def _run_until(cmd, condition, timeout=300) -> subprocess.Popen:
             break
         proc.send_signal(signal.SIGCONT)
         time.sleep(0.05)
+    if proc.poll() is None:  # the condition never held: the run is not left running into the next test
+        proc.kill()
     proc.wait(timeout=60)
     return proc
 

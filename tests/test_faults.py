@@ -81,8 +81,8 @@ def test_ctrl_c_stops_cleanly_writes_reports_and_resumes(tiny_model_dir, text_fi
            "--storage", f"sqlite:///{tmp_path}/s.db", "--study_name", "ctrlc", "--output_dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = tmp_path / "s.db"
-    deadline = time.time() + 120
-    while time.time() < deadline and finished_trials(db) < 3:  # the study is running its trials
+    deadline = time.time() + 600  # the loop ends once the study is there; the bound only stops a hang
+    while time.time() < deadline and proc.poll() is None and finished_trials(db) < 3:  # the study is running its trials
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = communicate(proc, 120)
@@ -153,7 +153,7 @@ def test_a_sigterm_during_a_storage_write_takes_effect_at_the_next_checkpoint(tm
     storage.set_trial_user_attr(trial_id, "reason", "the shutdown writes at once")
 
 
-def test_kill_nine_drill_short_version(tiny_model_dir, text_file, tmp_path):
+def test_kill_nine_drill_short_version(alone, tiny_model_dir, text_file, tmp_path):
     """scripts/kill_resume.py with 3 kills: every configuration once, nothing RUNNING, reports = storage."""
     script = __import__("pathlib").Path(__file__).parents[1] / "scripts" / "kill_resume.py"
     done = subprocess.run(
@@ -167,7 +167,7 @@ def test_kill_nine_drill_short_version(tiny_model_dir, text_file, tmp_path):
     assert "every configuration finished exactly once" in done.stdout and "FAIL" not in done.stdout
 
 
-def test_term_drill_on_a_dynamic_study_short_version(tiny_model_dir, text_file, tmp_path):
+def test_term_drill_on_a_dynamic_study_short_version(alone, tiny_model_dir, text_file, tmp_path):
     """scripts/kill_resume.py on a dynamic study: its final check is the dynamic one (no profile measured twice
     at one stage, baselines and the best measured on the test windows), not the static grid's."""
     script = __import__("pathlib").Path(__file__).parents[1] / "scripts" / "kill_resume.py"

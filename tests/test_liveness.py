@@ -122,7 +122,7 @@ def test_a_worker_whose_trial_was_failed_under_it_says_so_and_goes_on(tiny_model
            "0.0", "--methods", "fp16,bf16", "--no_hybrids", "--storage", f"sqlite:///{db}", "--study_name", "lost",
            "--output_dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    failed, study, deadline = None, None, time.time() + 120
+    failed, study, deadline = None, None, time.time() + 600
     while failed is None and time.time() < deadline and proc.poll() is None:  # another worker calls one stale
         try:
             if study is None:
@@ -143,7 +143,7 @@ def test_a_worker_whose_trial_was_failed_under_it_says_so_and_goes_on(tiny_model
     assert done == ["bf16", "fp16"]  # the lost configuration ran again
 
 
-def test_two_runs_creating_one_study_name_with_different_settings_never_both_proceed(tmp_path, monkeypatch):
+def test_two_runs_creating_one_study_name_with_different_settings_never_both_proceed(alone, tmp_path, monkeypatch):
     from compactmind.config import RunConfig
     from compactmind.errors import StorageError
     from compactmind.study import session
@@ -191,7 +191,7 @@ print(" ".join(str(study.ask().number) for _ in range(20)))
 """
 
 
-def test_workers_taking_enqueued_trials_at_the_same_instant_never_take_the_same_one(tmp_path):
+def test_workers_taking_enqueued_trials_at_the_same_instant_never_take_the_same_one(alone, tmp_path):
     # Optuna takes a WAITING trial by reading its state, then writing RUNNING: unless the read is inside the
     # write's transaction, two workers both see WAITING and both run that trial (seen as 29 trials from 3x10).
     url = f"sqlite:///{tmp_path}/s.db"

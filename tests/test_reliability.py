@@ -91,8 +91,8 @@ def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resu
            "0.0", "--methods", METHODS, "--storage", f"sqlite:///{tmp_path}/s.db", "--study_name", "term",
            "--output_dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and finished_trials(tmp_path / "s.db") < 3:
+    deadline = time.time() + 600  # the loop ends once the study is there; the bound only stops a hang
+    while time.time() < deadline and proc.poll() is None and finished_trials(tmp_path / "s.db") < 3:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = communicate(proc, 120)
@@ -110,7 +110,7 @@ def test_sigterm_fails_the_running_trial_with_its_reason_writes_reports_and_resu
     assert not [t for t in trials if t["state"] in ("RUNNING", "WAITING")]
 
 
-def test_two_processes_creating_one_new_sqlite_study_at_once_both_proceed(tiny_model_dir, text_file, tmp_path):
+def test_two_processes_creating_one_new_sqlite_study_at_once_both_proceed(alone, tiny_model_dir, text_file, tmp_path):
     cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--model_path", str(tiny_model_dir), "--data_path",
            str(text_file), "--seq_len", "64", "--max_eval_windows", "2", "--data_samples", "1", "--target_ratio",
            "0.0", "--methods", METHODS, "--storage", f"sqlite:///{tmp_path}/new.db", "--study_name", "race"]

@@ -98,32 +98,39 @@ def run_three_workers(tiny_model_dir, text_file, storage, name, kill_one=False, 
     create(tiny_model_dir, text_file, storage, name)
     procs = start_workers(storage, name, 3)
     reader = Reader(storage, name, reports_to) if reports_to else None
-    if reader:
-        reader.start()
-    killed = None
-    if kill_one:  # stop the first worker, look at what it is doing, and kill it only inside a recorded trial
-        deadline, worker = time.time() + 120, f"{socket.gethostname()}:{procs[0].pid}"
-        while time.time() < deadline and killed is None:
-            procs[0].send_signal(signal.SIGSTOP)
-            if measuring(storage[len("sqlite:///"):], worker):
-                procs[0].send_signal(signal.SIGKILL)
-                killed = worker
-            procs[0].send_signal(signal.SIGCONT)
-            time.sleep(0.05)
-        assert killed is not None, "no trial was running to kill"
-    for p in procs:
-        _, err = communicate(p, 600)
-        if p is not procs[0] or not kill_one:
-            assert p.returncode == 0, err.decode()[-2000:]
-            assert b"Traceback" not in err and b"failed by another worker" not in err, err.decode()[-2000:]
-    if reader:
-        reader.done.set()
-        reader.join(300)
-        assert reader.runs >= 1 and not reader.errors, reader.errors
+    try:
+        if reader:
+            reader.start()
+        killed = None
+        if kill_one:  # stop the first worker, look at what it is doing, and kill it only inside a recorded trial
+            deadline, worker = time.time() + 600, f"{socket.gethostname()}:{procs[0].pid}"
+            while time.time() < deadline and killed is None and procs[0].poll() is None:
+                procs[0].send_signal(signal.SIGSTOP)
+                if measuring(storage[len("sqlite:///"):], worker):
+                    procs[0].send_signal(signal.SIGKILL)
+                    killed = worker
+                procs[0].send_signal(signal.SIGCONT)
+                time.sleep(0.05)
+            assert killed is not None, "no trial was running to kill"
+        for p in procs:
+            _, err = communicate(p, 600)
+            if p is not procs[0] or not kill_one:
+                assert p.returncode == 0, err.decode()[-2000:]
+                assert b"Traceback" not in err and b"failed by another worker" not in err, err.decode()[-2000:]
+        if reader:
+            reader.done.set()
+            reader.join(300)
+            assert reader.runs >= 1 and not reader.errors, reader.errors
+    finally:  # a failed check leaves no worker or reader running into the next test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        if reader:
+            reader.done.set()
     return check_exactly_once(storage, name), killed
 
 
-def test_three_workers_on_sqlite_with_one_killed(tiny_model_dir, text_file, tmp_path):
+def test_three_workers_on_sqlite_with_one_killed(alone, tiny_model_dir, text_file, tmp_path):
     storage = f"sqlite:///{tmp_path}/shared.db"
     trials, killed = run_three_workers(tiny_model_dir, text_file, storage, "w3", kill_one=True,
                                        reports_to=tmp_path / "reports")
@@ -184,7 +191,8 @@ def postgres(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_three_workers_on_postgresql(tiny_model_dir, text_file, postgres, tmp_path):
+def test_three_workers_on_postgresql(alone, tiny_model_dir, text_file, postgres, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # artifacts of a server storage go to ./storage/artifacts
     trials, _ = run_three_workers(tiny_model_dir, text_file, postgres, "pg3", reports_to=tmp_path / "reports")
     assert not [t for t in trials if t.state.name == "FAIL"]  # no live trial failed by another worker
 
