@@ -36,9 +36,14 @@ DEPTH = ["--methods", "dense", "--granularity", "sublayer", "--depth"]
 SLACK = 1e-4  # below a uniform ratio: a level switch moves a few bytes where counts round per layer
 
 
+def gptq(bits: int) -> str:
+    """The label of a GPTQ level of the rows' grid (g64, act order: one level per bit width)."""
+    return f"gptq(bits={bits}, group_size=64, act_order=True)"
+
+
 def grids(study: Path, kind: str) -> Path:
     """A study file holding the row's level grid (levels are a method's grid)."""
-    text = {"gptq": '[grids.gptq]\nbits = [2, 3, 4, 5, 6]\ngroup_size = [64]\n',
+    text = {"gptq": '[grids.gptq]\nbits = [2, 3, 4, 5, 6]\ngroup_size = [64]\nact_order = [true]\n',
             "sparse": '[grids.sparsegpt]\nsparsity = [' + ", ".join(f"{0.3 + 0.05 * i:.2f}" for i in range(13)) + "]\n",
             "dense": ""}[kind]
     path = study / f"{kind}.toml"
@@ -179,13 +184,12 @@ def main() -> int:
         db = dbs[kind]
         r = db["ratios"]
         if row == "gptq3":
-            target, goal, label = r["gptq(bits=3, group_size=64)"] - SLACK, "<= 0.90x uniform W3", \
-                "gptq(bits=3, group_size=64)"
+            target, goal, label = r[gptq(3)] - SLACK, "<= 0.90x uniform W3", gptq(3)
         elif row in ("gptq25", "embed"):
-            target = (r["gptq(bits=2, group_size=64)"] + r["gptq(bits=3, group_size=64)"]) / 2
+            target = (r[gptq(2)] + r[gptq(3)]) / 2
             goal = "<= 0.75x the best of 32 random profiles" if row == "gptq25" else "a front no profile without " \
                 "the embedding as a unit reaches"
-            label = "gptq(bits=3, group_size=64)"
+            label = gptq(3)
         elif row.startswith("sparse"):
             label = f"sparsegpt(sparsity=0.{row[-2]})"
             target, goal = r[label] - SLACK, "<= 0.88x uniform" if row == "sparse60" else "<= 0.70x uniform, below OWL"
