@@ -142,8 +142,7 @@ def main() -> int:
     dense = out / "dense"
     if not (dense / gguf_format.FILE).exists():
         gguf_format.write(loaded.model, loaded.tokenizer, dense, {"model": {"source_gguf": loaded.source_info["path"]}})
-    n_weights = sum(p.numel() for p in loaded.model.parameters()) - loaded.model.lm_head.weight.numel() * \
-        int(loaded.model.config.tie_word_embeddings)
+    n_weights = sum(p.numel() for p in loaded.model.parameters())  # a tied head is one parameter, counted once
     rows = []
 
     def measure(label: str, path: Path, note: str = "") -> dict:
