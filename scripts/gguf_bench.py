@@ -6,8 +6,9 @@
    samples, computed here on the dense model as llama.cpp's imatrix tool does, and passed as it passes one).
 2. At each recipe's tensor bytes, a dynamic compactmind study searches a per-tensor mix of GGUF types (levels
    Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K with the imatrix solver, units every linear and the embedding; llama.cpp's
-   fallback where a width does not fit a K-quant) and exports its best as a .gguf file; the study also measures
-   llama.cpp's recipes and the uniform type made by our quantizer.
+   fallback where a width does not fit a K-quant), selecting on the perplexity of the study's selection windows of
+   validation text (--fitness kl: on KL divergence to the dense model), and exports its best as a .gguf file; the
+   study also measures llama.cpp's recipes and the uniform type made by our quantizer.
 3. Every file's perplexity is measured by llama.cpp on the same test windows (compactmind's protocol: each
    window on its own, every position after the first), and compared with the dense file's: the excess (PPL -
    dense PPL) of our mix against that of llama.cpp's recipe with an importance matrix.
@@ -17,7 +18,7 @@
 llama-cpp-python is installed into its own virtual environment (--llama_venv; it compiles llama.cpp for this CPU,
 about 200 s on 2 cores) and used from scripts/llamacpp_eval.py.
 
-    .venv/bin/python scripts/gguf_bench.py --out /tmp/gguf-bench [--minutes 30]
+    .venv/bin/python scripts/gguf_bench.py --out /tmp/gguf-bench [--minutes 30] [--fitness ppl]
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ def quantizer_errors(python: Path, model, out: Path) -> list[str]:
     return lines
 
 
-def study(out: Path, target_ratio: float, name: str, minutes: float, storage: str) -> dict:
+def study(out: Path, target_ratio: float, name: str, minutes: float, storage: str, fitness: str) -> dict:
     cmd = [sys.executable, "-m", "compactmind", "-q", "run", "--dynamic", "--methods", "gguf", "--granularity",
            "linear", "--embedding_units", "--seq_len", "512", "--max_eval_windows", "16", "--data_samples", "32",
-           "--selection_windows", "16", "--fitness", "kl", "--target_ratio", repr(round(target_ratio, 6)),
+           "--fitness", fitness, "--target_ratio", repr(round(target_ratio, 6)),
            "--storage", storage, "--study_name", name, "--output_dir", str(out / name), "--levels_dir",
            str(out / "levels"), "--timeout", str(60 * minutes), "--n_trials", "100000", "--study",
            str(out / "levels.toml")]
@@ -123,8 +124,14 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/gguf-bench")
     ap.add_argument("--llama_venv", default=str(Path.home() / ".cache" / "compactmind" / "llama-venv"))
     ap.add_argument("--minutes", type=float, default=30.0, help="search time per target")
+    ap.add_argument("--fitness", default="ppl", choices=("ppl", "kl"),
+                    help="what the search selects on (selection windows of validation text): perplexity, what the "
+                         "goal is measured in, or KL divergence to the dense model")
+    ap.add_argument("--targets", default=",".join(RECIPES), help="the recipes whose sizes are searched at")
     ap.add_argument("--skip_search", action="store_true", help="only llama.cpp's recipes and the quantizer errors")
     args = ap.parse_args()
+    if not set(args.targets.split(",")) <= set(RECIPES):
+        ap.error(f"--targets takes recipes among {', '.join(RECIPES)}, not {args.targets!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -167,16 +174,17 @@ def main() -> int:
         (out / "levels.toml").write_text("[run]\n[grids.gguf]\ntype = [" + ", ".join(f'"{t}"' for t in LEVELS) +
                                          ']\nsolver = ["imatrix"]\nembeddings = ["Q8_0"]\n')
         storage = f"sqlite:///{out}/gguf.db"
-        for recipe in RECIPES:
+        for recipe in args.targets.split(","):
             target = 1 - made[(recipe, True)]["tensor_bytes"] / (4 * n_weights)
-            report = study(out, target, f"at-{recipe}", args.minutes, storage)
+            name = f"at-{recipe}-{args.fitness}"
+            report = study(out, target, name, args.minutes, storage, args.fitness)
             best = report["best"]
-            path = export(storage, f"at-{recipe}", best["number"], out / f"ours-at-{recipe}")
+            path = export(storage, name, best["number"], out / f"ours-{name}")
             ours = measure(f"compactmind search at {recipe}'s size", path,
                            f"our test ppl {best.get('perplexity', float('nan')):.3f}")
             for t in report["trials"]:
                 if t.get("baseline") == f"llama.cpp {recipe}" and t["state"] == "COMPLETE":
-                    mine = export(storage, f"at-{recipe}", t["number"], out / f"recipe-{recipe}")
+                    mine = export(storage, name, t["number"], out / f"recipe-{name}")
                     measure(f"llama.cpp {recipe}'s mix, our imatrix fit", mine)
             theirs = made[(recipe, True)]
             ratio = (ours["perplexity"] - base["perplexity"]) / (theirs["perplexity"] - base["perplexity"])
