@@ -21,7 +21,6 @@ import sys
 import numpy as np
 import torch
 
-Q8_K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}  # their vec_dot_type is Q8_K: blocks of 256, FP32 scale
 FLOAT_TYPES = {"F32", "F16", "BF16"}  # no rounding of the activations beyond the float type
 
 
@@ -32,7 +31,7 @@ def rounder(block: int, fp16_scale: bool):
         x = args[0]
         v = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
         d = v.abs().amax(-1, keepdim=True) / 127
-        q = torch.where(d > 0, torch.round(v / d.clamp_min(torch.finfo(d.dtype).tiny)), torch.zeros_like(v))
+        q = torch.round(v / d.clamp_min(torch.finfo(d.dtype).tiny))  # an all-zero block stays zero
         stored = d.half().float() if fp16_scale else d  # codes from the FP32 scale, values from the stored one
         return ((q.clamp(-127, 127) * stored).reshape(x.shape),) + tuple(args[1:])
 
@@ -49,7 +48,7 @@ def main() -> int:
     from compactmind import models
     from compactmind.evaluate import perplexity
 
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(args.file).tensors}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(args.file).tensors}
     model = models.load_model(args.file, torch.device("cpu"), torch.float32).model
     ids = torch.from_numpy(np.load(args.windows)).long()
     plain = perplexity(model, ids).perplexity
@@ -63,9 +62,11 @@ def main() -> int:
         else:
             tensor = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
         kind = types[tensor]
-        if kind not in FLOAT_TYPES:
-            block, fp16 = (256, False) if kind in Q8_K_TYPES else (32, True)
-            hooks.append(module.register_forward_pre_hook(rounder(block, fp16)))
+        if kind.name not in FLOAT_TYPES:
+            # the activations' partner type has the weight type's block: Q8_K (256, FP32 scale) for the K-quants,
+            # Q8_0 / Q8_1 (32, FP16 scale) for the others
+            block = gguf.GGML_QUANT_SIZES[kind][0]
+            hooks.append(module.register_forward_pre_hook(rounder(block, fp16_scale=block == 32)))
     rounded = perplexity(model, ids).perplexity
     print(f"{args.file}: float activations {plain:.4f}; activations rounded as ggml's CPU kernels do "
           f"({len(hooks)} linears) {rounded:.4f} ({rounded / plain - 1:+.2%})")

@@ -141,6 +141,7 @@ def main() -> int:
     from compactmind import data as D
     from compactmind import models
     from compactmind.deploy import gguf as gguf_format
+    from compactmind.footprint import Reference
 
     loaded = models.load_model(None, torch.device("cpu"), torch.float32)
     data = D.prepare(loaded.tokenizer, D.resolve_sources(None, None), 512, 32, 16, seed=0)
@@ -149,13 +150,14 @@ def main() -> int:
     dense = out / "dense"
     if not (dense / gguf_format.FILE).exists():
         gguf_format.write(loaded.model, loaded.tokenizer, dense, {"model": {"source_gguf": loaded.source_info["path"]}})
-    n_weights = sum(p.numel() for p in loaded.model.parameters())  # a tied head is one parameter, counted once
+    reference = Reference.of(loaded.model)  # the study's own count: every weight once, a tied head included
     rows = []
 
     def measure(label: str, path: Path, note: str = "") -> dict:
         ppl = json.loads(tool(python, "perplexity", path, out / "windows.npy"))["perplexity"]
-        row = {"label": label, "file_mb": path.stat().st_size / 1e6, "tensor_bytes": tensor_bytes(path),
-               "bpw": 8 * tensor_bytes(path) / n_weights, "perplexity": ppl, "note": note}
+        stored = tensor_bytes(path)
+        row = {"label": label, "file_mb": path.stat().st_size / 1e6, "tensor_bytes": stored,
+               "bpw": 8 * stored / reference.n_weights, "perplexity": ppl, "note": note}
         rows.append(row)
         print(f"{label:<40} {row['file_mb']:>8.2f} MB {row['bpw']:>6.3f} bpw  ppl {ppl:.3f}  {note}", flush=True)
         return row
@@ -175,7 +177,7 @@ def main() -> int:
                                          ']\nsolver = ["imatrix"]\nembeddings = ["Q8_0"]\n')
         storage = f"sqlite:///{out}/gguf.db"
         for recipe in args.targets.split(","):
-            target = 1 - made[(recipe, True)]["tensor_bytes"] / (4 * n_weights)
+            target = 1 - made[(recipe, True)]["tensor_bytes"] / reference.dense_bytes
             name = f"at-{recipe}-{args.fitness}"
             report = study(out, target, name, args.minutes, storage, args.fitness)
             best = report["best"]
