@@ -132,7 +132,7 @@ def _entry_from(ledger: dict, spec: dict, name: str, tensors) -> Entry:
                        scale_bits=ledger.get("scale_bits", 16))
     act = (spec.get("act_quant") or "").removeprefix("per_token_") or None
     if fmt.ggml:
-        return Entry(fmt, None, ledger["pruned"], None)
+        return Entry(fmt, None, ledger["pruned"], act)
     qparams = None
     if fmt.scaled:
         scale = tensors(f"{name}.scale")
@@ -439,7 +439,7 @@ class LevelDB:
                 owner._parameters[pname] = nn.Parameter(value.to(self._device, held), requires_grad=False)
                 record(owner, pname, qparams=e.qparams, pruned=e.pruned, act_quant=e.act_quant, grid=e.grid,
                        **vars(e.format))
-                if e.act_quant:
+                if e.act_quant in packed.ACTIVATION_HOOKS:  # ggml's rounding: Assembly.apply (a tied head needs it)
                     owner.register_forward_pre_hook(packed.ACTIVATION_HOOKS[e.act_quant])
             out.append(module.to(self._device))
         return tuple(out)
@@ -519,6 +519,12 @@ def _gguf_types(db: "LevelDB") -> list[str]:
     return sorted({s.params.type for lv in db.levels for s in lv.pipeline.steps if s.method == "gguf"})
 
 
+def _gguf_activations(db: "LevelDB") -> str:
+    """"ggml" when a GGUF level evaluates its inputs rounded as llama.cpp's CPU kernels round them, else "float"."""
+    acts = {s.params.activations for lv in db.levels for s in lv.pipeline.steps if s.method == "gguf"}
+    return "ggml" if "ggml" in acts else "float"
+
+
 def option_methods(label: str) -> list[str]:
     """The method names an option label stands for (export's refusals read them): a level's steps, [DROP], or an
     embedding unit's own option ("embed: int8 per row", as embedding_options names them): fp16, rtn or gguf."""
@@ -555,7 +561,8 @@ def embedding_options(db: "LevelDB", unit: Unit) -> list[tuple[Option, Callable[
         from compactmind.llamacpp import fitting
 
         stored = sorted({fitting(t, cols) for t in ("Q8_0", "Q6_K", *types)} - {"F16"})
-        choices = {t: (lambda m, t=t: store_(m, "weight", t)) for t in stored}
+        act = _gguf_activations(db)
+        choices = {t: (lambda m, t=t: store_(m, "weight", t, activations=act)) for t in stored}
     else:
         from compactmind.formats import narrow_to
 
@@ -599,6 +606,7 @@ class Assembly:
         self.current: list[int | None] = [None] * len(db.units)
         self.swapped = 0  # units swapped in so far (what a test counts)
         self._rest_set = False
+        self._ggml_inputs = _gguf_activations(db) == "ggml"  # inputs rounded as llama.cpp's CPU kernels do
 
     def reset(self) -> None:
         """The model was restored to its pristine state: nothing of a profile is in it any more."""
@@ -619,6 +627,10 @@ class Assembly:
                 for path, module in zip(unit.paths, modules):
                     _set_submodule(self.model, path, module)
             self.current[u] = profile.levels[u]
+        if self._ggml_inputs and changed:  # swapped-in linears, and a tied head, get ggml's rounding (once each)
+            from compactmind import ggml
+
+            ggml.round_inputs_(self.model)
         self.swapped += len(changed)
         return len(changed)
 

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from compactmind.errors import ConfigError
+from compactmind.formats import entry
 
 
 @dataclass(frozen=True)
@@ -767,3 +768,62 @@ def joined(grids: list[Grid]) -> Grid:
     fields = {k: torch.cat([g.fields[k] for g in grids], 1) for k in first.fields}
     ref = {k: torch.cat([g.reference[k] for g in grids], 1) for k in first.reference} if first.reference else {}
     return Grid(first.type, first.rows, sum(g.cols for g in grids), fields, ref)
+
+
+# Activations as llama.cpp's CPU kernels see them. ggml's CPU matrix products do not multiply a block-quantized
+# weight by float activations: each row of the input is first quantized to the weight type's partner type
+# (ggml-cpu's vec_dot_type): Q8_K for the K-quants (blocks of 256, an FP32 scale), Q8_0 / Q8_1 for the 32-weight
+# types (an FP16 scale). Both store codes round(x * 127 / max |x|) over the block, ties to even, and the value of a
+# code is code * d: Q8_K's d = 1 / (127 / max |x|) in FP32, Q8_0's d = max |x| / 127 rounded to FP16 (its codes
+# are computed before that rounding). transformers (and a `gguf` trial with
+# activations="float") evaluates the dequantized weights on float activations instead: on SmolLM2 the two differ
+# by ~0.7% in perplexity (scripts/ggml_rounding.py). A weight recorded with act_quant="ggml" is evaluated as
+# llama.cpp's CPU backend computes it (its GPU backends round differently, to Q8_1 blocks of 32).
+ACT_QUANT = "ggml"  # the ledger's act_quant of a weight whose inputs are rounded as ggml's CPU kernels round them
+
+
+def round_activations(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """x with every run of the type's block size along its last dimension rounded as ggml rounds a row of
+    activations before a product with a `type_name` weight."""
+    block = _type(type_name).block
+    v = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = v.abs().amax(-1, keepdim=True)
+    nonzero = amax > 0  # an all-zero block stays zero
+    # torch's `scalar / tensor` multiplies by a reciprocal; ggml divides: torch.div keeps its float32 results
+    inverse = torch.where(nonzero, torch.div(torch.full_like(amax, 127.0), amax), 0.0)
+    codes = torch.round(v * inverse)
+    d = torch.where(nonzero, torch.div(torch.ones_like(amax), inverse), 0.0) if block == 256 \
+        else torch.div(amax, torch.full_like(amax, 127.0)).half().float()
+    return (codes * d).reshape(x.shape).to(x.dtype)
+
+
+class ActivationRounding:
+    """Forward pre-hook of a linear: its input rounded as ggml rounds it for the type of `source`'s weight (the
+    linear itself, or the token embedding a tied head shares), read from the ledger at every call, so the hook
+    follows a dynamic study's level swaps; a weight not recorded with act_quant="ggml" leaves its input alone."""
+
+    def __init__(self, source: torch.nn.Module):
+        self.source = source
+
+    def __call__(self, _module, args):
+        e = entry(self.source)
+        if e.act_quant != ACT_QUANT or e.format.ggml is None:
+            return None
+        return (round_activations(args[0], e.format.ggml),) + tuple(args[1:])
+
+
+def round_inputs_(model: torch.nn.Module) -> int:
+    """Give every linear whose weight (a tied head: the token embedding's) is recorded with act_quant="ggml" the
+    rounding hook, once; returns how many linears were given one now."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        source = embedding if tied and module is head else module
+        hooked = any(isinstance(h, ActivationRounding) for h in module._forward_pre_hooks.values())
+        if not hooked and entry(source).act_quant == ACT_QUANT:
+            module.register_forward_pre_hook(ActivationRounding(source))
+            added += 1
+    return added

@@ -36,7 +36,7 @@ def pack_tensor(name: str, module: nn.Module, param: str, baseline_bits: int) ->
     out = {} if mask is None else {f"{name}.mask": packed.pack_bits(mask.to(torch.uint8), 1)}
     if "ggml" in plan.parts:
         out[f"{name}.ggml"] = _ggml_bytes(name, w, e, held)
-        spec.update(ggml=fmt.ggml, dtype=FLOAT_NAMES[getattr(module, param).dtype])
+        spec.update(ggml=fmt.ggml, act_quant=e.act_quant, dtype=FLOAT_NAMES[getattr(module, param).dtype])
     elif "codes" in plan.parts and fmt.float8:
         out.update(_fp8_parts(name, w, e, mask, held))
         spec.update(bits=8, float8=fmt.float8, scale_shape=list(e.qparams.scale.shape),

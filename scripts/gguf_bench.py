@@ -8,17 +8,20 @@
    Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K with the imatrix solver, units every linear and the embedding; llama.cpp's
    fallback where a width does not fit a K-quant), selecting on the perplexity of the study's selection windows of
    validation text (--fitness kl: on KL divergence to the dense model), and exports its best as a .gguf file; the
-   study also measures llama.cpp's recipes and the uniform type made by our quantizer.
+   study also measures llama.cpp's recipes and the uniform type made by our quantizer. With --activations ggml
+   (the default) every trial is evaluated as llama.cpp's CPU kernels compute it (each linear's input rounded to
+   8 bits, gguf(activations=ggml)), so the trial's recorded figure is the one llama.cpp is compared with.
 3. Every file's perplexity is measured by llama.cpp on the same test windows (compactmind's protocol: each
    window on its own, every position after the first), and compared with the dense file's: the excess (PPL -
-   dense PPL) of our mix against that of llama.cpp's recipe with an importance matrix.
+   dense PPL) of our mix against that of llama.cpp's recipe with an importance matrix; and, for each exported
+   trial, llama.cpp's figure against the test perplexity the trial recorded.
 4. Our round-to-nearest fit against llama.cpp's quantizer (ggml_quantize_chunk, no importance matrix) on every
    ffn_down tensor (the tensors SmolLM2 stores in K-quants): the squared error of each K-quant.
 
 llama-cpp-python is installed into its own virtual environment (--llama_venv; it compiles llama.cpp for this CPU,
 about 200 s on 2 cores) and used from scripts/llamacpp_eval.py.
 
-    .venv/bin/python scripts/gguf_bench.py --out /tmp/gguf-bench [--minutes 30] [--fitness ppl]
+    .venv/bin/python scripts/gguf_bench.py --out /tmp/gguf-bench [--minutes 30] [--fitness ppl] [--activations ggml]
 """
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ def main() -> int:
                     help="what the search selects on (selection windows of validation text): perplexity, what the "
                          "goal is measured in, or KL divergence to the dense model")
     ap.add_argument("--targets", default=",".join(RECIPES), help="the recipes whose sizes are searched at")
+    ap.add_argument("--activations", default="ggml", choices=("ggml", "float"),
+                    help="what the trials compute: llama.cpp's CPU kernels' 8-bit rounding of each linear's input, "
+                         "or float activations (transformers' figure)")
     ap.add_argument("--skip_search", action="store_true", help="only llama.cpp's recipes and the quantizer errors")
     args = ap.parse_args()
     if not set(args.targets.split(",")) <= set(RECIPES):
@@ -153,12 +159,14 @@ def main() -> int:
     reference = Reference.of(loaded.model)  # the study's own count: every weight once, a tied head included
     rows = []
 
-    def measure(label: str, path: Path, note: str = "") -> dict:
+    def measure(label: str, path: Path, trial: float | None = None) -> dict:
+        """llama.cpp's perplexity of a file (and, for an exported trial, against the test figure it recorded)."""
         ppl = json.loads(tool(python, "perplexity", path, out / "windows.npy"))["perplexity"]
         stored = tensor_bytes(path)
         row = {"label": label, "file_mb": path.stat().st_size / 1e6, "tensor_bytes": stored,
-               "bpw": 8 * stored / reference.n_weights, "perplexity": ppl, "note": note}
+               "bpw": 8 * stored / reference.n_weights, "perplexity": ppl, "trial_perplexity": trial}
         rows.append(row)
+        note = f"the trial recorded {trial:.3f}: llama.cpp {ppl / trial - 1:+.2%}" if trial else ""
         print(f"{label:<40} {row['file_mb']:>8.2f} MB {row['bpw']:>6.3f} bpw  ppl {ppl:.3f}  {note}", flush=True)
         return row
 
@@ -174,20 +182,20 @@ def main() -> int:
         print(line)
     if not args.skip_search:
         (out / "levels.toml").write_text("[run]\n[grids.gguf]\ntype = [" + ", ".join(f'"{t}"' for t in LEVELS) +
-                                         ']\nsolver = ["imatrix"]\nembeddings = ["Q8_0"]\n')
+                                         ']\nsolver = ["imatrix"]\nembeddings = ["Q8_0"]\n'
+                                         f'activations = ["{args.activations}"]\n')
         storage = f"sqlite:///{out}/gguf.db"
         for recipe in args.targets.split(","):
             target = 1 - made[(recipe, True)]["tensor_bytes"] / reference.dense_bytes
-            name = f"at-{recipe}-{args.fitness}"
+            name = f"at-{recipe}-{args.fitness}" + ("-ggml" if args.activations == "ggml" else "")
             report = study(out, target, name, args.minutes, storage, args.fitness)
             best = report["best"]
             path = export(storage, name, best["number"], out / f"ours-{name}")
-            ours = measure(f"compactmind search at {recipe}'s size", path,
-                           f"our test ppl {best.get('perplexity', float('nan')):.3f}")
+            ours = measure(f"compactmind search at {recipe}'s size", path, best.get("perplexity"))
             for t in report["trials"]:
                 if t.get("baseline") == f"llama.cpp {recipe}" and t["state"] == "COMPLETE":
                     mine = export(storage, name, t["number"], out / f"recipe-{name}")
-                    measure(f"llama.cpp {recipe}'s mix, our imatrix fit", mine)
+                    measure(f"llama.cpp {recipe}'s mix, our imatrix fit", mine, t.get("perplexity"))
             theirs = made[(recipe, True)]
             ratio = (ours["perplexity"] - base["perplexity"]) / (theirs["perplexity"] - base["perplexity"])
             print(f"excess over dense at {recipe}: ours {ours['perplexity'] - base['perplexity']:.3f}, llama.cpp + "

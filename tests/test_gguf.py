@@ -69,11 +69,16 @@ def test_transformers_loads_the_gguf_file_to_the_trials_logits(tiny_model_dir, t
         assert torch.allclose(loaded(IDS).logits, model(IDS).logits, atol=1e-5)
 
 
-def test_a_study_of_gguf_types_exports_and_verifies_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("activations", ["float", "ggml"])
+def test_a_study_of_gguf_types_exports_and_verifies_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                    activations):
     storage = f"sqlite:///{tmp_path}/s.db"
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[run]\n[grids.gguf]\ntype = ["Q8_0", "Q4_0"]\nactivations = ["{activations}"]\n')
     assert main(["-q", "run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
                  "--max_eval_windows", "2", "--data_samples", "2", "--target_ratio", "0.6", "--methods", "gguf",
-                 "--storage", storage, "--study_name", "g", "--output_dir", str(tmp_path / "out")]) == 0
+                 "--study", str(grid), "--storage", storage, "--study_name", "g",
+                 "--output_dir", str(tmp_path / "out")]) == 0
     capsys.readouterr()
     assert main(["-q", "export", "--study_name", "g", "--storage", storage, "--format", "gguf", "--out",
                  str(tmp_path / "e"), "--verify"]) == 0
@@ -81,6 +86,8 @@ def test_a_study_of_gguf_types_exports_and_verifies_through_the_cli(tiny_model_d
     assert "reloaded perplexity" in out
     manifest = json.loads((tmp_path / "e" / "compactmind.json").read_text())
     assert manifest["format"]["name"] == "gguf" and (tmp_path / "e" / gguf_format.FILE).stat().st_size > 0
+    assert manifest["format"]["activations"] == activations  # what --verify's reload computed (and passed)
+    assert ("activations=ggml" in manifest["pipeline"]) == (activations == "ggml")  # float is the default
 
 
 def test_formats_that_cannot_hold_a_trial_are_refused_by_name():
@@ -151,3 +158,87 @@ def test_llama_cpp_recipes_are_profiles_of_a_gguf_level_database(tmp_path):
             assert stored == recipe_type(recipe, HF_ROLES[unit.path.split(".", 3)[-1]], unit.block, 8, cols)
     executor.assemble(db, recipe_profile(db, "Q4_K_M"))
     assert measure(model, executor.reference).model_bytes == db.bytes_of(recipe_profile(db, "Q4_K_M"))
+
+
+def _as_ggml_defines(x: np.ndarray, block: int) -> np.ndarray:
+    """ggml's quantize_row_q8_K (block 256) and quantize_row_q8_0 (block 32) as their definitions state them, one
+    block at a time, dequantized: Q8_K's iscale = -127 / (the signed largest value), codes rint(iscale * x) capped
+    at 127, d = 1 / iscale in FP32; Q8_0's codes rint(x * 127 / amax), d = amax / 127 stored in FP16."""
+    out = np.zeros_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], block):
+            v = x[r, b:b + block]
+            k = int(np.argmax(np.abs(v)))
+            if v[k] == 0:
+                continue
+            if block == 256:
+                iscale = np.float32(-127) / v[k]
+                out[r, b:b + block] = np.minimum(np.rint(iscale * v), 127) * (np.float32(1) / iscale)
+            else:
+                amax = np.abs(v[k])
+                d = np.float32(np.float16(amax / np.float32(127)))
+                out[r, b:b + block] = np.rint(v * (np.float32(127) / amax)) * d
+    return out
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0", "Q4_0"])
+def test_activations_are_rounded_as_ggml_rounds_them_for_the_weights_type(type_name):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 512, generator=g) * torch.logspace(-2, 1, 512)
+    x[1, :256] = 0  # an all-zero block stays zero
+    rounded = ggml.round_activations(x, type_name)
+    expected = _as_ggml_defines(x.numpy(), ggml.TYPES[type_name].block)
+    assert np.array_equal(rounded.numpy(), expected)
+    assert not torch.equal(rounded, x) and rounded.dtype == x.dtype
+
+
+def _tied_k_quant_model(vocab_size=320):
+    # 256-wide rows: every linear, and the tied embedding, can be a K-quant
+    return tiny_model(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
+
+
+def test_a_trial_with_ggml_activations_computes_what_llama_cpp_does_and_its_export_reloads_to_it(tiny_model_dir,
+                                                                                                 tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    float_model, ggml_model = _tied_k_quant_model(len(tokenizer)), _tied_k_quant_model(len(tokenizer))
+    pl.apply_(float_model, pl.parse("gguf(type=Q4_K, embeddings=Q6_K)"), None, 0)
+    pl.apply_(ggml_model, pl.parse("gguf(type=Q4_K, embeddings=Q6_K, activations=ggml)"), None, 0)
+    for (name, a), b in zip(float_model.state_dict().items(), ggml_model.state_dict().values()):
+        assert torch.equal(a, b), name  # the stored weights do not depend on the activations
+    linears = [m for m in ggml_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(any(isinstance(h, ggml.ActivationRounding) for h in m._forward_pre_hooks.values()) for m in linears)
+    with torch.no_grad():
+        rounded, plain = ggml_model(IDS).logits, float_model(IDS).logits
+    assert not torch.allclose(rounded, plain, atol=1e-4)  # the rounding changes what is computed
+
+    for model, name in ((float_model, "float"), (ggml_model, "ggml")):
+        manifest = gguf_format.write(model, tokenizer, tmp_path / name, {})
+        assert manifest["format"]["activations"] == name
+    with torch.no_grad():  # transformers alone computes the float trial; with llama.cpp's rounding, the ggml one
+        by_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "ggml", gguf_file=gguf_format.FILE,
+                                                               dtype=torch.float32).eval()(IDS).logits
+        assert torch.allclose(by_transformers, plain, atol=1e-5)
+        assert torch.allclose(gguf_format.reload(tmp_path / "ggml", "cpu")(IDS).logits, rounded, atol=1e-5)
+        assert torch.allclose(gguf_format.reload(tmp_path / "float", "cpu")(IDS).logits, plain, atol=1e-5)
+
+
+def test_a_tied_heads_rounding_follows_the_embedding_level_a_dynamic_profile_picks(tmp_path):
+    from compactmind.dynamic import Profile, open_db
+
+    from test_dynamic import executor_for
+
+    levels = ["gguf(type=Q8_0, activations=ggml)", "gguf(type=Q4_K, activations=ggml)"]
+    executor = executor_for(_tied_k_quant_model())
+    db = open_db(executor, [pl.parse(t) for t in levels], "linear", tmp_path / "levels", {"test": 1},
+                 embeddings=True)
+    q4 = db.labels.index(levels[1])
+    embed = [u.name for u in db.units].index("embed")
+    for embedding in ("Q6_K", "Q8_0"):  # the head's input in Q8_K blocks of 256, then in Q8_0 blocks of 32
+        option = db.option_labels(embed).index(f"embed: {embedding}")
+        executor.assemble(db, Profile(tuple(option if u == embed else q4 for u in range(len(db.units)))))
+        expected = _tied_k_quant_model()
+        pl.apply_(expected, pl.parse(f"gguf(type=Q4_K, embeddings={embedding}, activations=ggml)"), None, 0)
+        with torch.no_grad():
+            assert torch.allclose(executor.model(IDS).logits, expected(IDS).logits, atol=1e-5), embedding

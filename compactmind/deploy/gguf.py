@@ -28,7 +28,7 @@ from compactmind import ggml
 from compactmind.errors import ConfigError
 from compactmind.files import atomic_folder
 from compactmind.footprint import parameters
-from compactmind.formats import entry, exact_float_dtype
+from compactmind.formats import entry, exact_float_dtype, record
 from compactmind.packing import on_grid
 
 FILE = "model.gguf"
@@ -56,9 +56,30 @@ def tolerance(manifest: dict) -> float:
 
 
 def reload(folder: Path, device) -> nn.Module:
+    """The file as transformers loads it (it dequantizes); when the trial measured what llama.cpp computes
+    (gguf activations="ggml"), with llama.cpp's rounding of every linear's input added, so that it computes what
+    the trial measured."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=FILE, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=FILE, dtype=torch.float32).to(device).eval()
+    manifest = json.loads((folder / "compactmind.json").read_text())
+    if manifest["format"].get("activations") == ggml.ACT_QUANT:
+        round_as_llamacpp_(model, folder / FILE)
+    return model
+
+
+def round_as_llamacpp_(model: nn.Module, path: Path) -> int:
+    """Round every linear's input of a model loaded from the GGUF file `path` as llama.cpp's CPU kernels round it
+    for that tensor's type in the file (ggml.round_activations; none for float tensors); returns how many."""
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    for hf_name, module, pname, _ in parameters(model):
+        kind = types.get(names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or "")
+        if pname == "weight" and kind in ggml.TYPES:
+            record(module, pname, ggml=kind, act_quant=ggml.ACT_QUANT)
+    return ggml.round_inputs_(model)
 
 
 def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits: int = 32) -> dict:
@@ -73,8 +94,10 @@ def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits:
         raise ConfigError(f"--format gguf writes Llama-family models; this one is {config.model_type!r}.")
     tensors = list(_tensors(model))
     stored = sum(data.nbytes for _, data, _ in tensors)
-    manifest = {**manifest, "format": {"name": "gguf", "file": FILE,
-                                       "types": _type_counts(tensors)}, "stored_tensor_bytes": stored}
+    rounded = any(entry(m, p).act_quant == ggml.ACT_QUANT for _, m, p, _ in parameters(model))
+    manifest = {**manifest, "format": {"name": "gguf", "file": FILE, "types": _type_counts(tensors),
+                                       "activations": "ggml" if rounded else "float"},
+                "stored_tensor_bytes": stored}
 
     def fill(folder: Path) -> None:
         writer = gguf.GGUFWriter(str(folder / FILE), "llama")
