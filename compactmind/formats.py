@@ -5,7 +5,8 @@ bytes of every tensor the packed format writes for it (`layout`), used by both t
 A module's ledger is the plain attribute `_cm_ledger`: {parameter name: Entry}. The snapshot restores it with
 the module. An Entry holds the TensorFormat, the quantization parameters when the weight holds integer codes
 (scales and zero points per group, and the column -> group map after structured pruning), the number of
-weights a pruning step zeroed, and whether the module quantizes its inputs per token (W8A8).
+weights a pruning step zeroed, and whether the module quantizes its inputs (per token for W8A8, in ggml's blocks
+for a GGUF type evaluated as llama.cpp computes it).
 
 The stored tensors (bytes, exactly as packing.py writes them):
   values       float values (numel x bits / 8), or only the kept ones when sparse
@@ -67,7 +68,7 @@ class Entry:
     format: TensorFormat = TensorFormat()
     qparams: QuantParams | None = None
     pruned: int = 0  # weights a pruning step set to zero (the mask, not zeros that rounding produced)
-    act_quant: str | None = None  # "int8" or "fp8": inputs quantized per token at every forward (W8A8)
+    act_quant: str | None = None  # "int8" / "fp8": inputs quantized per token (W8A8); "ggml": as llama.cpp's CPU does
     grid: object | None = None  # ggml.Grid of a ggml-typed weight: its blocks' stored scales (codes = nearest)
 
 
