@@ -628,9 +628,9 @@ class Assembly:
                     _set_submodule(self.model, path, module)
             self.current[u] = profile.levels[u]
         if self._ggml_inputs and changed:  # swapped-in linears, and a tied head, get ggml's rounding (once each)
-            from compactmind import ggml
+            from compactmind.methods._gguf import round_inputs_
 
-            ggml.round_inputs_(self.model)
+            round_inputs_(self.model)
         self.swapped += len(changed)
         return len(changed)
 

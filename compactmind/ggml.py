@@ -58,7 +58,6 @@ import numpy as np
 import torch
 
 from compactmind.errors import ConfigError
-from compactmind.formats import entry
 
 
 @dataclass(frozen=True)
@@ -778,7 +777,8 @@ def joined(grids: list[Grid]) -> Grid:
 # are computed before that rounding). transformers (and a `gguf` trial with activations="float") evaluates the
 # dequantized weights on float activations instead: on SmolLM2 the two differ by ~0.7% in perplexity
 # (scripts/ggml_rounding.py). A weight recorded with act_quant="ggml" is evaluated as
-# llama.cpp's CPU backend computes it (its GPU backends round differently, to Q8_1 blocks of 32).
+# llama.cpp's CPU backend computes it (its GPU backends round differently, to Q8_1 blocks of 32); the hooks that
+# apply it are methods/_gguf.py's.
 ACT_QUANT = "ggml"  # the ledger's act_quant of a weight whose inputs are rounded as ggml's CPU kernels round them
 
 
@@ -795,35 +795,3 @@ def round_activations(x: torch.Tensor, type_name: str) -> torch.Tensor:
     d = torch.where(nonzero, torch.div(torch.ones_like(amax), inverse), 0.0) if block == 256 \
         else torch.div(amax, torch.full_like(amax, 127.0)).half().float()
     return (codes * d).reshape(x.shape).to(x.dtype)
-
-
-class ActivationRounding:
-    """Forward pre-hook of a linear: its input rounded as ggml rounds it for the type of `source`'s weight (the
-    linear itself, or the token embedding a tied head shares), read from the ledger at every call, so the hook
-    follows a dynamic study's level swaps; a weight not recorded with act_quant="ggml" leaves its input alone."""
-
-    def __init__(self, source: torch.nn.Module):
-        self.source = source
-
-    def __call__(self, _module, args):
-        e = entry(self.source)
-        if e.act_quant != ACT_QUANT or e.format.ggml is None:
-            return None
-        return (round_activations(args[0], e.format.ggml),) + tuple(args[1:])
-
-
-def round_inputs_(model: torch.nn.Module) -> int:
-    """Give every linear whose weight (a tied head: the token embedding's) is recorded with act_quant="ggml" the
-    rounding hook, once; returns how many linears were given one now."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and embedding is not None and head.weight is embedding.weight
-    added = 0
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        source = embedding if tied and module is head else module
-        hooked = any(isinstance(h, ActivationRounding) for h in module._forward_pre_hooks.values())
-        if not hooked and entry(source).act_quant == ACT_QUANT:
-            module.register_forward_pre_hook(ActivationRounding(source))
-            added += 1
-    return added

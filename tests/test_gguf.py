@@ -16,6 +16,7 @@ from compactmind.deploy import gguf as gguf_format
 from compactmind.errors import PipelineError
 from compactmind.footprint import Reference, measure
 from compactmind.llamacpp import fitting, more_bits, recipe_type
+from compactmind.methods._gguf import ActivationRounding
 from compactmind.models import block_linears
 
 from conftest import tiny_model
@@ -208,7 +209,7 @@ def test_a_trial_with_ggml_activations_computes_what_llama_cpp_does_and_its_expo
     for (name, a), b in zip(float_model.state_dict().items(), ggml_model.state_dict().values()):
         assert torch.equal(a, b), name  # the stored weights do not depend on the activations
     linears = [m for m in ggml_model.modules() if isinstance(m, torch.nn.Linear)]
-    assert all(any(isinstance(h, ggml.ActivationRounding) for h in m._forward_pre_hooks.values()) for m in linears)
+    assert all(any(isinstance(h, ActivationRounding) for h in m._forward_pre_hooks.values()) for m in linears)
     with torch.no_grad():
         rounded, plain = ggml_model(IDS).logits, float_model(IDS).logits
     assert not torch.allclose(rounded, plain, atol=1e-4)  # the rounding changes what is computed

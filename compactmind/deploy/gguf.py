@@ -79,7 +79,9 @@ def round_as_llamacpp_(model: nn.Module, path: Path) -> int:
         kind = types.get(names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or "")
         if pname == "weight" and kind in ggml.TYPES:
             record(module, pname, ggml=kind, act_quant=ggml.ACT_QUANT)
-    return ggml.round_inputs_(model)
+    from compactmind.methods._gguf import round_inputs_
+
+    return round_inputs_(model)
 
 
 def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits: int = 32) -> dict:

@@ -37,7 +37,7 @@ from torch import nn
 from compactmind import ggml
 from compactmind.calibration import Hessian, InputNorms, require, sequential_
 from compactmind.errors import IncompatiblePipelineError
-from compactmind.formats import is_sparse, record
+from compactmind.formats import entry, is_sparse, record
 from compactmind.llamacpp import fitting
 from compactmind.methods._quant import gptq_solve
 from compactmind.models import block_linears
@@ -136,7 +136,7 @@ class GGUF(Method):
 
             sequential_(model, calib, lambda _n, lin: statistic(lin), solve, true_sequential=params.solver == "gptq")
         embeddings_(model, params.embeddings, act)
-        ggml.round_inputs_(model)
+        round_inputs_(model)
 
 
 def embeddings_(model: nn.Module, type_name: str, activations: str = "float") -> None:
@@ -146,3 +146,35 @@ def embeddings_(model: nn.Module, type_name: str, activations: str = "float") ->
         if module is not None and id(module.weight) not in seen:
             seen.add(id(module.weight))
             store_(module, "weight", type_name, activations=activations)
+
+
+class ActivationRounding:
+    """Forward pre-hook of a linear: its input rounded as ggml rounds it for the type of `source`'s weight (the
+    linear itself, or the token embedding a tied head shares), read from the ledger at every call, so the hook
+    follows a dynamic study's level swaps; a weight not recorded with act_quant="ggml" leaves its input alone."""
+
+    def __init__(self, source: nn.Module):
+        self.source = source
+
+    def __call__(self, _module, args):
+        e = entry(self.source)
+        if e.act_quant != ggml.ACT_QUANT or e.format.ggml is None:
+            return None
+        return (ggml.round_activations(args[0], e.format.ggml),) + tuple(args[1:])
+
+
+def round_inputs_(model: nn.Module) -> int:
+    """Give every linear whose weight (a tied head: the token embedding's) is recorded with act_quant="ggml" the
+    rounding hook, once; returns how many linears were given one now."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        source = embedding if tied and module is head else module
+        hooked = any(isinstance(h, ActivationRounding) for h in module._forward_pre_hooks.values())
+        if not hooked and entry(source).act_quant == ggml.ACT_QUANT:
+            module.register_forward_pre_hook(ActivationRounding(source))
+            added += 1
+    return added
