@@ -776,9 +776,8 @@ def joined(grids: list[Grid]) -> Grid:
 # code is code * d: Q8_K's d = 1 / (127 / max |x|) in FP32, Q8_0's d = max |x| / 127 rounded to FP16 (its codes
 # are computed before that rounding). transformers (and a `gguf` trial with activations="float") evaluates the
 # dequantized weights on float activations instead: on SmolLM2 the two differ by ~0.7% in perplexity
-# (scripts/ggml_rounding.py). A weight recorded with act_quant="ggml" is evaluated as
-# llama.cpp's CPU backend computes it (its GPU backends round differently, to Q8_1 blocks of 32); the hooks that
-# apply it are methods/_gguf.py's.
+# (scripts/ggml_rounding.py). A weight recorded with act_quant="ggml" is evaluated as llama.cpp's CPU backend
+# computes it (its GPU backends round differently, to Q8_1 blocks of 32); methods/_gguf.py's hooks apply it.
 ACT_QUANT = "ggml"  # the ledger's act_quant of a weight whose inputs are rounded as ggml's CPU kernels round them
 
 

@@ -73,14 +73,14 @@ def round_as_llamacpp_(model: nn.Module, path: Path) -> int:
     for that tensor's type in the file (ggml.round_activations; none for float tensors); returns how many."""
     import gguf
 
+    from compactmind.methods._gguf import round_inputs_
+
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     for hf_name, module, pname, _ in parameters(model):
         kind = types.get(names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or "")
         if pname == "weight" and kind in ggml.TYPES:
             record(module, pname, ggml=kind, act_quant=ggml.ACT_QUANT)
-    from compactmind.methods._gguf import round_inputs_
-
     return round_inputs_(model)
 
 
