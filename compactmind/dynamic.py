@@ -515,14 +515,14 @@ def _dropped(unit: Unit, pristine: dict) -> tuple[nn.Module, ...]:
 # ---- an embedding unit's options -----------------------------------------------------------------------------
 
 
-def _gguf_types(db: "LevelDB") -> list[str]:
-    return sorted({s.params.type for lv in db.levels for s in lv.pipeline.steps if s.method == "gguf"})
+def _gguf_params(db: "LevelDB") -> list:
+    """The parameters of the levels' gguf steps (none when the levels are not GGUF types)."""
+    return [s.params for lv in db.levels for s in lv.pipeline.steps if s.method == "gguf"]
 
 
 def _gguf_activations(db: "LevelDB") -> str:
     """"ggml" when a GGUF level evaluates its inputs rounded as llama.cpp's CPU kernels round them, else "float"."""
-    acts = {s.params.activations for lv in db.levels for s in lv.pipeline.steps if s.method == "gguf"}
-    return "ggml" if "ggml" in acts else "float"
+    return "ggml" if any(p.activations == "ggml" for p in _gguf_params(db)) else "float"
 
 
 def option_methods(label: str) -> list[str]:
@@ -556,7 +556,7 @@ def embedding_options(db: "LevelDB", unit: Unit) -> list[tuple[Option, Callable[
         group = group if group and cols % group == 0 else 0
         return lambda m: write_quantized_(m, rtn_quantize(m.weight.float(), bits, group, False), bits, group, False)
 
-    types = _gguf_types(db)
+    types = sorted({p.type for p in _gguf_params(db)})
     if types:  # each by the type it is stored in (a width a K-quant cannot hold takes llama.cpp's fallback)
         from compactmind.llamacpp import fitting
 

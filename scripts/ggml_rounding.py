@@ -1,13 +1,13 @@
-"""Why llama.cpp's perplexity of a K-quant file is higher than compactmind's: ggml's CPU kernels round activations.
+"""Why llama.cpp's perplexity of a K-quant file is higher than transformers': ggml's CPU kernels round activations.
 
 llama.cpp's CPU matrix products do not multiply a quantized weight by float activations: each row of activations
 is first quantized to the weight type's partner type (ggml's vec_dot_type): Q8_K (blocks of 256, one FP32 scale,
 codes in [-127, 127]) for the K-quants, Q8_0 / Q8_1 (blocks of 32, one FP16 scale) for Q8_0 and the legacy types.
-transformers and compactmind evaluate the dequantized weights on float activations, so they do not see that
-rounding. This script evaluates a .gguf file both ways on the same windows: as loaded (dequantized weights, float
-activations) and with every linear's input rounded as ggml rounds it (compactmind.ggml.round_activations, what a
-`gguf` trial with activations="ggml" measures). The second figure is the one to compare with llama.cpp's
-(scripts/llamacpp_eval.py perplexity on the same windows).
+transformers (and a `gguf` trial with activations="float") evaluates the dequantized weights on float
+activations, so it does not see that rounding. This script evaluates a .gguf file both ways on the same windows:
+as loaded (dequantized weights, float activations) and with every linear's input rounded as ggml rounds it
+(compactmind.ggml.round_activations, what a `gguf` trial with activations="ggml" measures). The second figure is
+the one to compare with llama.cpp's (scripts/llamacpp_eval.py perplexity on the same windows).
 
     .venv/bin/python scripts/ggml_rounding.py FILE.gguf WINDOWS.npy   (windows: scripts/gguf_bench.py --out DIR)
 """

@@ -65,12 +65,11 @@ def tensor_bytes(path: Path) -> int:
 
 def imatrix(model, samples: torch.Tensor) -> dict[str, np.ndarray]:
     """Per GGUF weight name, the mean squared activation of each input column on the dense model."""
-    import gguf
-
     from compactmind.calibration import InputNorms, run_body
+    from compactmind.deploy.gguf import gguf_names
     from compactmind.models import block_linears
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    name_of = gguf_names(model)
     acc = {name: InputNorms(lin) for name, lin in block_linears(model)}
     handles = [lin.register_forward_hook(lambda m, a, o, s=acc[name]: s.add_batch(a[0], o))
                for name, lin in block_linears(model)]
@@ -79,7 +78,7 @@ def imatrix(model, samples: torch.Tensor) -> dict[str, np.ndarray]:
     finally:
         for h in handles:
             h.remove()
-    return {names.get_name(f"{name}.weight", try_suffixes=(".weight",)): a.sq.numpy() for name, a in acc.items()}
+    return {name_of(f"{name}.weight"): a.sq.numpy() for name, a in acc.items()}
 
 
 def quantizer_errors(python: Path, model, out: Path) -> list[str]:

@@ -87,7 +87,9 @@ def test_a_study_of_gguf_types_exports_and_verifies_through_the_cli(tiny_model_d
     assert "reloaded perplexity" in out
     manifest = json.loads((tmp_path / "e" / "compactmind.json").read_text())
     assert manifest["format"]["name"] == "gguf" and (tmp_path / "e" / gguf_format.FILE).stat().st_size > 0
-    assert manifest["format"]["activations"] == activations  # what --verify's reload computed (and passed)
+    # which computation --verify's reload used (on this tiny model the rounding moves perplexity by less than the
+    # 1e-4 check; the reload's logits with and without it are tested below)
+    assert manifest["format"]["activations"] == activations
     assert ("activations=ggml" in manifest["pipeline"]) == (activations == "ggml")  # float is the default
 
 

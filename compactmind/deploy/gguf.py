@@ -76,9 +76,9 @@ def round_as_llamacpp_(model: nn.Module, path: Path) -> int:
     from compactmind.methods._gguf import round_inputs_
 
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    name_of = gguf_names(model)
     for hf_name, module, pname, _ in parameters(model):
-        kind = types.get(names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or "")
+        kind = types.get(name_of(hf_name) or "")
         if pname == "weight" and kind in ggml.TYPES:
             record(module, pname, ggml=kind, act_quant=ggml.ACT_QUANT)
     return round_inputs_(model)
@@ -121,16 +121,24 @@ def write(model: nn.Module, tokenizer, out: Path, manifest: dict, baseline_bits:
     return manifest
 
 
+def gguf_names(model: nn.Module):
+    """Hugging Face parameter name -> llama.cpp's tensor name (None where it has none), by gguf-py's name map."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    return lambda hf_name: names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
 def _tensors(model: nn.Module):
     """(GGUF name, data, raw ggml type or None) of every parameter, a tied one once, in llama.cpp's layout."""
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    name_of = gguf_names(model)
     heads = {"attn_q": config.num_attention_heads,
              "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     for hf_name, module, pname, p in parameters(model):
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = name_of(hf_name)
         if name is None:
             raise ConfigError(f"--format gguf has no llama.cpp name for {hf_name}.")
         e = entry(module, pname)
