@@ -131,6 +131,23 @@ def test_level_switch_mutation_keeps_the_ratio_and_owl_meets_the_target(tmp_path
     assert owl_profile(db, [0.9, 0.1, 0.5, 0.2], space.feasible) is None  # OWL allocates sparsity, not bits
 
 
+def test_the_mutation_trades_between_unit_sizes_so_a_depth_profile_changes_its_mix(tmp_path):
+    executor, db = build(tmp_path, ["dense"], "sublayer", depth=True)
+    drop = [o.label for o in db.options[0]].index("drop")
+    names = [u.name for u in db.units]
+    attn, mlp = ([i for i, n in enumerate(names) if n.endswith(kind)] for kind in ("self_attn", "mlp"))
+    assert db.options[attn[0]][0].bytes != db.options[mlp[0]][0].bytes  # two size classes
+    start = tuple(drop if n in {"block.1.self_attn", "block.2.mlp"} else 0 for n in names)
+    dense = executor.reference.dense_bytes
+    space = LevelSpace(db, "sublayer", 1 - db.bytes_of(Profile(start)) / dense, dense, "selection_kl")
+    sampler = EvoPressSampler(space, seed=0)
+    rng = random.Random(1)
+    children = {sampler.mutate(start, rng) for _ in range(200)}
+    assert all(space.feasible(child) for child in children)
+    mixes = {(sum(c[i] == drop for i in attn), sum(c[i] == drop for i in mlp)) for c in children}
+    assert len(mixes) > 1  # switches within a size class alone keep one attention and one MLP dropped
+
+
 def dynamic_args(model_dir, tmp_path, *extra, name="dyn"):
     return ["-q", "run", "--dynamic", "--model_path", str(model_dir), "--data_path", str(tmp_path / "data" / "test.txt"),
             "--seq_len", "48", "--max_eval_windows", "3", "--data_samples", "3", "--selection_windows", "2",

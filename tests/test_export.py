@@ -216,7 +216,7 @@ def test_the_exported_tensors_take_exactly_the_recorded_bytes(text, tmp_path):
         assert sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()) == recorded
 
 
-@pytest.mark.parametrize("spec", ["fp8", "fp8(scheme=w8a16, scales=tensor)"])
+@pytest.mark.parametrize("spec", ["fp8", "fp8(scheme=w8a16, scales=tensor)", "fp8(solver=gptq)"])
 def test_fp8_exports_as_float_quantized_to_exactly_the_evaluated_weights(tmp_path, spec):
     from transformers import AutoModelForCausalLM
 
@@ -224,7 +224,8 @@ def test_fp8_exports_as_float_quantized_to_exactly_the_evaluated_weights(tmp_pat
 
     model = tiny_model()
     reference = Reference.of(model)
-    pl.apply_(model, pl.parse(spec), None, 0)
+    pl.apply_(model, pl.parse(spec), Calibration(torch.randint(0, 320, (3, 40), generator=torch.Generator()
+                                                               .manual_seed(1))), 0)
     linears = block_linears(model)
     per_tensor = "tensor" in spec
     scales = sum(1 if per_tensor else lin.out_features for _, lin in linears)

@@ -99,11 +99,16 @@ class EvoPressSampler(BaseSampler):
     A worker that would wait for another's stage scores one more child of the current generation instead.
 
     Mutation is the level switch: one unit one option more compressed, another of the same size one less, so
-    the total size stays put (1 to 3 switches, fewer more often: min of two draws, as EvoPress); where the
-    sizes differ (embeddings, uneven levels), units are moved until the profile meets the target again and no
-    further move fits. A profile the study already holds is not proposed again.
+    the total size stays put (1 to 3 switches, fewer more often: min of two draws, as EvoPress). One switch in
+    `ACROSS` pairs units of any size instead, so the search can trade between unit sizes (attention sub-blocks a
+    third of an MLP's bytes, k/v projections a third of q's): the only way a depth profile changes how many
+    attention and MLP sub-blocks it drops. Where the sizes differ (such a switch, embeddings, uneven levels),
+    units are moved until the profile meets the target again and no further move fits. A profile the study
+    already holds is not proposed again.
     Before the first parent is scored, the sampler proposes the uniform profile (the study enqueues its baselines).
     """
+
+    ACROSS = 0.25  # the share of switches that pair units of any size
 
     def __init__(self, space, seed: int):
         self.space, self.seed = space, seed
@@ -190,8 +195,9 @@ class EvoPressSampler(BaseSampler):
             if not more:
                 break
             a = rng.choice(more)
-            less = [u for u in units if u != a and levels[u] > 0 and self.size_class[u] == self.size_class[a]] \
-                or [u for u in units if u != a and levels[u] > 0]
+            less = [u for u in units if u != a and levels[u] > 0]
+            same = [u for u in less if self.size_class[u] == self.size_class[a]]
+            less = same if same and rng.random() >= self.ACROSS else less
             if not less:
                 break
             b = rng.choice(less)
