@@ -146,7 +146,7 @@ def fronts(reports: list[tuple[str, dict]], path: Path) -> None:
     for (suffix, report), color in zip(reports, ("tab:blue", "tab:red")):
         q = report["quality"]
         points = [(t["compression_ratio"], t[q]) for t in report["trials"] if t["state"] == "COMPLETE" and q in t]
-        ax.scatter(*zip(*points), s=12, color=color, label=f"blocks only{suffix}" if suffix else "blocks only")
+        ax.scatter(*zip(*points), s=12, color=color, label="with the embedding as a unit" if suffix else "blocks only")
     ax.set_xlabel("compression ratio (against FP32)")
     ax.set_ylabel(f"{reports[0][1]['quality']} on the selection windows")
     ax.set_yscale("log")

@@ -57,6 +57,7 @@ def rows(group: int) -> list[tuple[str, str]]:
         ("SmoothQuant W8A8", "int8_sq(alpha=0.5)"),
         ("naive W8A8", "int8_sq(alpha=0.5, smooth=False)"),
         ("FP8 W8A8", "fp8"),
+        ("FP8 W8A8, GPTQ onto its grid", "fp8(solver=gptq)"),
         ("GGUF Q4_K (imatrix)", "gguf(type=Q4_K, solver=imatrix)"),
         ("GGUF Q4_K (gptq)", "gguf(type=Q4_K, solver=gptq)"),
     ]
@@ -76,6 +77,7 @@ ORDERINGS = [  # (name, row a, factor, row b): a < factor x b, checked where bot
     # FP8's exponent keeps outlier activations that INT8's uniform grid clips (Kuzmin et al., "FP8 Quantization: The
     # Power of the Exponent", NeurIPS 2022); "within 1% of dense" is a goal (the README says where it stands), not one
     ("FP8 W8A8 no worse than naive INT8 W8A8", "FP8 W8A8", 1.0 + 1e-12, "naive W8A8"),
+    ("FP8 by GPTQ below FP8 by rounding", "FP8 W8A8, GPTQ onto its grid", 1.0, "FP8 W8A8"),
 ]
 
 

@@ -99,12 +99,12 @@ class EvoPressSampler(BaseSampler):
     A worker that would wait for another's stage scores one more child of the current generation instead.
 
     Mutation is the level switch: one unit one option more compressed, another of the same size one less, so
-    the total size stays put (1 to 3 switches, fewer more often: min of two draws, as EvoPress). One switch in
-    `ACROSS` pairs units of any size instead, so the search can trade between unit sizes (attention sub-blocks a
-    third of an MLP's bytes, k/v projections a third of q's): the only way a depth profile changes how many
-    attention and MLP sub-blocks it drops. Where the sizes differ (such a switch, embeddings, uneven levels),
-    units are moved until the profile meets the target again and no further move fits. A profile the study
-    already holds is not proposed again.
+    the total size stays put (1 to 3 switches, fewer more often: min of two draws, as EvoPress). A quarter of
+    the switches (`ACROSS`) pair units of any size instead, so the search can trade between unit sizes
+    (attention sub-blocks a third of an MLP's bytes, k/v projections a third of q's): the only way a depth
+    profile changes how many attention and MLP sub-blocks it drops. Where the sizes differ (such a switch,
+    embeddings, uneven levels), units are moved until the profile meets the target again and no further move
+    fits. A profile the study already holds is not proposed again.
     Before the first parent is scored, the sampler proposes the uniform profile (the study enqueues its baselines).
     """
 
