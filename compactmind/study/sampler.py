@@ -197,7 +197,8 @@ class EvoPressSampler(BaseSampler):
             a = rng.choice(more)
             less = [u for u in units if u != a and levels[u] > 0]
             same = [u for u in less if self.size_class[u] == self.size_class[a]]
-            less = same if same and rng.random() >= self.ACROSS else less
+            if same and (len(same) == len(less) or rng.random() >= self.ACROSS):  # a draw only where sizes differ
+                less = same
             if not less:
                 break
             b = rng.choice(less)
