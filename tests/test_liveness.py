@@ -115,30 +115,45 @@ def test_the_retry_of_a_dead_process_trial_is_not_taken_for_dead_before_its_firs
     assert _state(study, retry[0]) == TrialState.RUNNING
 
 
+_FAILED_UNDER_IT = """
+import sys
+import optuna
+from optuna.trial import TrialState
+from compactmind import cli
+from compactmind.study import spaces, storage as S
+
+url, score, failed = sys.argv[1], spaces.Scorer.score, []
+
+def score_as_another_worker_fails_the_trial(self, *args, **kwargs):
+    if not failed:  # another worker, on its own connection, calls the first measured trial stale
+        study = optuna.load_study(study_name="lost", storage=S.open_storage(url, create=False))
+        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and t.params]
+        if running:
+            study._storage.set_trial_state_values(running[0]._trial_id, state=TrialState.FAIL)
+            failed.append(running[0].number)
+            print(f"failed trial {failed[0]}", flush=True)
+    return score(self, *args, **kwargs)
+
+spaces.Scorer.score = score_as_another_worker_fails_the_trial
+sys.argv = ["compactmind", *sys.argv[2:]]
+cli.entry()
+"""
+
+
 def test_a_worker_whose_trial_was_failed_under_it_says_so_and_goes_on(tiny_model_dir, text_file, tmp_path):
-    db = tmp_path / "s.db"
-    cmd = [sys.executable, "-m", "compactmind", "run", "--model_path", str(tiny_model_dir), "--data_path",
-           str(text_file), "--seq_len", "64", "--max_eval_windows", "40", "--data_samples", "1", "--target_ratio",
-           "0.0", "--methods", "fp16,bf16", "--no_hybrids", "--storage", f"sqlite:///{db}", "--study_name", "lost",
-           "--output_dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    failed, study, deadline = None, None, time.time() + 600
-    while failed is None and time.time() < deadline and proc.poll() is None:  # another worker calls one stale
-        try:
-            if study is None:
-                storage = S.open_storage(f"sqlite:///{db}", create=False)
-                study = optuna.load_study(study_name="lost", storage=storage)
-            running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and t.params]
-            if running:
-                storage.set_trial_state_values(running[0]._trial_id, state=TrialState.FAIL)
-                failed = running[0].number
-        except Exception:  # not created yet
-            pass
-        time.sleep(0.05)
+    # The other worker's write lands while the trial is measured: at a fixed point, never a race with a poller.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    argv = ["run", "--model_path", str(tiny_model_dir), "--data_path", str(text_file), "--seq_len", "64",
+            "--max_eval_windows", "4", "--data_samples", "1", "--target_ratio", "0.0", "--methods", "fp16,bf16",
+            "--no_hybrids", "--storage", url, "--study_name", "lost", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-c", _FAILED_UNDER_IT, url, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     out, err = communicate(proc, 300)
-    assert failed is not None and proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0 and "failed trial " in out, err[-3000:]
+    failed = int(out.split("failed trial ")[1].split()[0])
     assert "Traceback" not in err and f"trial {failed} was failed by another worker" in err
-    study = optuna.load_study(study_name="lost", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="lost", storage=url)
+    assert study.trials[failed].state == TrialState.FAIL
     done = sorted(t.user_attrs["pipeline"] for t in study.trials if t.state == TrialState.COMPLETE)
     assert done == ["bf16", "fp16"]  # the lost configuration ran again
 
