@@ -187,5 +187,5 @@ def apply_(model, pipeline: Pipeline, calib: Calibration | None, seed: int) -> f
             calib.model_is_dense = i == 0
             calib.step = str(step)
         method = get_method(step.method)
-        method.apply_(model, step.params, calib if method.needs_calibration else None, seed + i)
+        method.apply_(model, step.params, calib if method.calibrates(step.params) else None, seed + i)
     return time.perf_counter() - start

@@ -37,7 +37,7 @@ class Method:
     kind: ClassVar[Kind]
     Params: ClassVar[type]
     space: ClassVar[dict[str, Spec]]
-    needs_calibration: ClassVar[bool] = False  # apply_ gets the calibration samples only when True
+    needs_calibration: ClassVar[bool] = False  # some setting uses the calibration samples (see `calibrates`)
     # Parameters that leave the model unchanged, if the method has such a setting.
     identity: ClassVar[Any] = None
     # Bumped whenever what the method makes of a model changes (how it rounds, what it keeps, a default): a
@@ -51,6 +51,11 @@ class Method:
     # True when each linear's compressed weight stands alone: the method changes no norm and no shape, so a
     # dynamic study can give every linear layer its own level (--granularity linear).
     separable: ClassVar[bool] = True
+
+    def calibrates(self, params) -> bool:
+        """Whether apply_ with these parameters uses the calibration samples: it gets them only then, and a
+        setting that does not is measured once, not once per calibration draw."""
+        return self.needs_calibration
 
     def check(self, model, params) -> None:
         """Raise IncompatiblePipelineError if `params` cannot apply to `model`; must be cheap (no calibration)."""

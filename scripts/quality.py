@@ -82,7 +82,7 @@ ORDERINGS = [  # (name, row a, factor, row b): a < factor x b, checked where bot
 
 
 def calibrated(text: str) -> bool:
-    return any(get_method(s.method).needs_calibration for s in pl.parse(text).steps)
+    return any(get_method(s.method).calibrates(s.params) for s in pl.parse(text).steps)
 
 
 def measure(args, table: list[tuple[str, str]]) -> tuple[dict, dict]:

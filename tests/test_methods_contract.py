@@ -7,7 +7,7 @@ import torch
 
 from compactmind import pipeline as pl
 from compactmind.calibration import Calibration
-from compactmind.errors import IncompatiblePipelineError
+from compactmind.errors import CalibrationError, IncompatiblePipelineError
 from compactmind.evaluate import perplexity
 from compactmind.models import Snapshot
 from compactmind.registry import all_methods, get_method
@@ -119,3 +119,20 @@ def test_restore_is_exact_after_hybrids_in_both_orders():
         assert not torch.equal(before, logits(model))
         snap.restore()
         assert torch.equal(before, logits(model))
+
+
+@pytest.mark.parametrize("text", ["fp8(solver=rtn)", "fp8(solver=gptq)", "gguf(type=Q4_K, solver=rtn)",
+                                  "gguf(type=Q4_K, solver=imatrix)", "gguf(type=Q4_K, solver=gptq)",
+                                  "l2_pruning(sparsity=0.25, score=weight)",
+                                  "l2_pruning(sparsity=0.25, score=activation)", "gptq", "rtn"])
+def test_a_setting_gets_the_calibration_samples_exactly_when_it_uses_them(text):
+    # The pipeline passes the samples only where `calibrates` says so, and scripts/quality.py measures the
+    # other settings once, not once per calibration draw: a wrong answer either fails here or costs nothing.
+    (step,) = pl.parse(text).steps
+    method, model = get_method(step.method), tiny_model()
+    if method.calibrates(step.params):
+        with pytest.raises(CalibrationError, match="needs calibration samples"):
+            method.apply_(model, step.params, None, 0)
+    else:
+        method.apply_(model, step.params, None, 0)
+        assert not torch.equal(logits(model), logits(tiny_model()))

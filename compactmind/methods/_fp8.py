@@ -65,7 +65,7 @@ def fp8_gptq(w: torch.Tensor, H: torch.Tensor, per_channel: bool, keep_zeros: bo
 class FP8(Method):
     summary = "FP8 E4M3 weights (and, w8a8, per-token FP8 activations): what H100/H200 and vLLM serve"
     kind = Kind.QUANTIZATION
-    needs_calibration = True  # solver=gptq; rtn ignores the samples
+    needs_calibration = True  # solver=gptq
 
     @dataclass(frozen=True)
     class Params:
@@ -82,6 +82,9 @@ class FP8(Method):
              "solver": Categorical(SOLVERS, searched=["rtn"])}
 
     @torch.no_grad()
+    def calibrates(self, params) -> bool:
+        return params.solver != "rtn"
+
     def apply_(self, model, params, calib, seed):
         per_channel = params.scales == "channel"
 

@@ -86,7 +86,7 @@ def _gptq_onto(w: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple["ggml.
 class GGUF(Method):
     summary = "llama.cpp's GGUF block types (Q8_0 ... Q2_K), fitted by rtn, imatrix or GPTQ; exports as .gguf"
     kind = Kind.QUANTIZATION
-    needs_calibration = True  # imatrix and gptq; rtn ignores the samples
+    needs_calibration = True  # imatrix and gptq
     hybrid = False  # a GGUF file stores neither sparsity nor removed channels
     final = True  # its blocks hold the weights: nothing may change them after it
 
@@ -107,6 +107,9 @@ class GGUF(Method):
              "solver": Categorical(SOLVERS, searched=["rtn"]),
              "embeddings": Categorical(list(ggml.TYPES), searched=["Q8_0"]),
              "activations": Categorical(ACTIVATIONS, searched=["float"])}
+
+    def calibrates(self, params) -> bool:
+        return params.solver != "rtn"
 
     def check(self, model, params):
         for name, lin in block_linears(model):

@@ -106,7 +106,7 @@ class L2Pruning(Method):
     summary = "structured: removes the MLP channels / attention heads of smallest L2 norm"
     kind = Kind.PRUNING
     separable = False  # removes channels across linears
-    needs_calibration = True  # score="activation"; score="weight" ignores the samples
+    needs_calibration = True  # score="activation"
     version = 2  # 2: the activation-aware score by default
 
     @dataclass(frozen=True)
@@ -123,6 +123,9 @@ class L2Pruning(Method):
     space = {"sparsity": Float(0.1, 0.3, step=0.1), "scope": Categorical(["mlp", "heads", "both"]),
              "score": Categorical(SCORES, searched=["activation"])}
     identity = Params(sparsity=0.0, scope="both")
+
+    def calibrates(self, params) -> bool:
+        return params.score == "activation"
 
     def check(self, model, params):
         layer = decoder_layers(model)[0]
